@@ -1,0 +1,204 @@
+"""Keras callbacks of a DINO run: teacher EMA, evaluation, logging, checkpoints, NaN stop."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+
+import keras
+import tensorflow as tf
+
+from dino_keras.schedules import cosine_schedule
+
+log = logging.getLogger(__name__)
+
+
+class TeacherMomentum(keras.callbacks.Callback):
+    """Owns the teacher momentum schedule (cosine from `base_momentum` to 1) and the EMA.
+
+    It registers itself with the `DinoTrainer`, whose compiled `train_step` calls `update`
+    once per optimiser step: a callback hook would run once per `steps_per_execution` steps.
+    Only parameters are averaged (the trainable weights of the student, plus the frozen
+    weight-norm gain); the teacher's BatchNorm statistics come from its own forward passes,
+    as in the reference.
+    """
+
+    def __init__(self, base_momentum: float, total_steps: int):
+        super().__init__()
+        self.base_momentum = base_momentum
+        self.total_steps = total_steps
+
+    def set_model(self, model):
+        super().set_model(model)
+        model.attach_teacher_updater(self)
+
+    def momentum(self, step):
+        return tf.cast(cosine_schedule(step, base_value=self.base_momentum, final_value=1.0,
+                                       total_steps=self.total_steps), tf.float32)
+
+    def variable_pairs(self):
+        """(teacher, student) parameter pairs, matched by their path inside the networks."""
+        return matching_parameters(self.model.student, self.model.teacher)
+
+    def update(self, step):
+        momentum = self.momentum(step)
+        pairs = self.variable_pairs()
+        replica_context = tf.distribute.get_replica_context()
+        if replica_context is not None and tf.distribute.has_strategy():
+            replica_context.merge_call(_ema_cross_replica, args=(pairs, momentum))
+        else:
+            for teacher_var, student_var in pairs:
+                teacher_var.assign(teacher_var * momentum + student_var * (1.0 - momentum))
+        return momentum
+
+
+def matching_parameters(student, teacher):
+    """(teacher, student) pairs of the student's parameters and the teacher's twins."""
+
+    def relative(variable):
+        return variable.path.split("/", 1)[1]
+
+    teacher_by_path = {relative(v): v for v in teacher.variables}
+    parameters = list(student.trainable_variables) + [
+        v for v in student.non_trainable_variables if v.path.endswith("last_layer/gain")]
+    return [(teacher_by_path[relative(v)], v) for v in parameters]
+
+
+def _ema_cross_replica(strategy, pairs, momentum):
+    def ema(teacher_var, student_value, m):
+        return teacher_var.assign(teacher_var * m + student_value * (1.0 - m))
+
+    for teacher_var, student_var in pairs:
+        strategy.extended.update(teacher_var.value, ema, args=(student_var.value, momentum))
+
+
+class RunLog:
+    """Appends one JSON object per evaluated/trained epoch to `log.jsonl` and mirrors the
+    scalars to TensorBoard (`<output_dir>/tensorboard`)."""
+
+    def __init__(self, output_dir: str, enabled: bool = True):
+        self.path = os.path.join(output_dir, "log.jsonl")
+        self.enabled = enabled
+        self.writer = (tf.summary.create_file_writer(os.path.join(output_dir, "tensorboard"))
+                       if enabled else None)
+
+    def write(self, epoch: int, values: dict) -> dict:
+        record = {"epoch": epoch, **{k: _to_python(v) for k, v in values.items()}}
+        if not self.enabled:
+            return record
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        with self.writer.as_default(step=epoch):
+            for name, value in record.items():
+                if name != "epoch" and isinstance(value, (int, float)):
+                    tf.summary.scalar(name, value)
+        self.writer.flush()
+        return record
+
+    def records(self) -> list[dict]:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+
+def _to_python(value):
+    if hasattr(value, "numpy"):
+        value = value.numpy()
+    if hasattr(value, "item"):
+        value = value.item()
+    return value
+
+
+class KnnEvaluation(keras.callbacks.Callback):
+    """Teacher k-NN accuracy at epoch 0 (before training), every `every` epochs and at the
+    end, added to the epoch logs as `knn_top1` / `knn_top5`."""
+
+    def __init__(self, evaluator, run_log: RunLog, every: int, epochs: int, k: int):
+        super().__init__()
+        self.evaluator = evaluator
+        self.run_log = run_log
+        self.every = every
+        self.epochs = epochs
+        self.k = k
+        self.results: dict[int, dict] = {}
+
+    def evaluate(self, epoch: int) -> dict:
+        start = time.time()
+        result = self.evaluator(self.model.teacher.backbone)
+        self.results[epoch] = result
+        print(f"Teacher k-NN@{self.k} after epoch {epoch}: top-1 {result['top1']:.2f}%, "
+              f"top-5 {result['top5']:.2f}% ({time.time() - start:.0f} s)", flush=True)
+        return result
+
+    def on_train_begin(self, logs=None):
+        if self.params.get("initial_epoch", 0) == 0 and 0 not in self.results:
+            result = self.evaluate(0)
+            self.run_log.write(0, {"knn_top1": result["top1"], "knn_top5": result["top5"]})
+
+    def on_epoch_end(self, epoch, logs=None):
+        done = epoch + 1
+        if done == self.epochs or (self.every and done % self.every == 0):
+            result = self.evaluate(done)
+            if logs is not None:
+                logs["knn_top1"], logs["knn_top5"] = result["top1"], result["top5"]
+
+
+class EpochLog(keras.callbacks.Callback):
+    """Writes each epoch's logs (loss, schedules, collapse monitors, k-NN) to the `RunLog`."""
+
+    def __init__(self, run_log: RunLog):
+        super().__init__()
+        self.run_log = run_log
+        self._start = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        values = dict(logs or {})
+        values["epoch_seconds"] = time.time() - self._start
+        self.run_log.write(epoch + 1, values)
+
+
+class SaveCheckpoints(keras.callbacks.Callback):
+    """Saves the latest checkpoint every epoch and keeps one every `keep_every` epochs."""
+
+    def __init__(self, training_checkpoint, keep_every: int):
+        super().__init__()
+        self.training_checkpoint = training_checkpoint
+        self.keep_every = keep_every
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.training_checkpoint.save(epoch + 1, keep=(epoch + 1) % self.keep_every == 0)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stops training with an error naming the step when the loss is NaN or infinite.
+
+    The checkpoint written at the end of the previous epoch is left untouched.
+    """
+
+    def __init__(self, steps_per_epoch: int, checkpoint_dir: str):
+        super().__init__()
+        self.steps_per_epoch = steps_per_epoch
+        self.checkpoint_dir = checkpoint_dir
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = _to_python((logs or {}).get("loss", 0.0))
+        if not math.isfinite(loss):
+            step = self._epoch * self.steps_per_epoch + batch + 1
+            raise NonFiniteLossError(
+                f"loss is {loss} at step {step} (epoch {self._epoch + 1}, batch {batch + 1}); "
+                f"training stopped. The last good checkpoint in {self.checkpoint_dir} is intact.")

@@ -1,0 +1,71 @@
+"""Training checkpoints: student, teacher, optimiser, centre and epoch in one TF checkpoint.
+
+`latest-N` is rewritten every epoch (the previous one is deleted only after the new one and
+the index file are written), `epoch-NNNN` is kept every `saveckp_freq` epochs. The resolved
+configuration of the run is stored beside them (`config.json`); a rerun of a different
+architecture into the same directory is refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import tensorflow as tf
+
+from dino_keras.config import ConfigError, TrainConfig
+
+# Changing one of these makes an existing checkpoint unusable for the run.
+ARCHITECTURE_FLAGS = ("arch", "patch_size", "embed_dim", "depth", "num_heads", "out_dim",
+                      "norm_last_layer", "use_bn_in_head", "optimizer", "global_crops_size")
+
+
+class TrainingCheckpoint:
+    def __init__(self, directory: str, *, student, teacher, optimizer, center):
+        self.directory = directory
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+        self.checkpoint = tf.train.Checkpoint(student=student, teacher=teacher,
+                                              optimizer=optimizer, center=center,
+                                              epoch=self.epoch)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=1,
+                                                  checkpoint_name="latest")
+
+    @property
+    def latest_path(self) -> str | None:
+        return self.manager.latest_checkpoint
+
+    def restore_latest(self) -> int:
+        """Restores the latest checkpoint if there is one; returns its epoch (0 if none)."""
+        path = self.manager.latest_checkpoint
+        if path is None:
+            return 0
+        self.checkpoint.restore(path).assert_existing_objects_matched()
+        return int(self.epoch.numpy())
+
+    def save(self, epoch: int, keep: bool = False) -> str:
+        self.epoch.assign(epoch)
+        path = self.manager.save(checkpoint_number=epoch)
+        if keep:
+            self.checkpoint.write(os.path.join(self.directory, f"epoch-{epoch:04d}"))
+        return path
+
+
+def check_or_write_run_config(config: TrainConfig) -> None:
+    """Write `<output_dir>/config.json`; refuse a run whose architecture differs from the one
+    of the checkpoints already in `output_dir` (naming the flag)."""
+    path = os.path.join(config.output_dir, "config.json")
+    if os.path.exists(path) and tf.train.latest_checkpoint(config.checkpoint_dir):
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        for flag in ARCHITECTURE_FLAGS:
+            current = getattr(config, flag)
+            if flag in saved and saved[flag] != current:
+                raise ConfigError(
+                    f"--{flag}={current} differs from the checkpoints in {config.checkpoint_dir} "
+                    f"(trained with --{flag}={saved[flag]}); use another --output_dir or the "
+                    "same value. Nothing was overwritten.")
+    os.makedirs(config.output_dir, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(config.to_json())
+    os.replace(tmp, path)

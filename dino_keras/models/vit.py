@@ -1,0 +1,258 @@
+"""Vision Transformer backbone with the reference's layout (pre-norm blocks, CLS token).
+
+Token order, parameter shapes and initialisation follow the reference so that its checkpoints
+convert one-to-one (`dino_keras.convert`). Images are NHWC.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from dino_keras.models.position_embedding import position_grid_resize_matrices
+
+LAYER_NORM_EPSILON = 1e-6
+
+
+def _trunc_normal(stddev: float = 0.02):
+    # The reference truncates at +-2 absolute, which is 100 standard deviations here: in effect
+    # an untruncated normal (Keras' TruncatedNormal would cut at 2 standard deviations).
+    return keras.initializers.RandomNormal(stddev=stddev)
+
+
+@keras.saving.register_keras_serializable("dino_keras")
+class DropPath(keras.layers.Layer):
+    """Stochastic depth: drop the whole residual branch per sample, rescale the kept ones."""
+
+    def __init__(self, rate: float = 0.0, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.rate = rate
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed) if rate > 0 else None
+
+    def call(self, x, training=False):
+        if not training or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        shape = (ops.shape(x)[0],) + (1,) * (len(x.shape) - 1)
+        mask = ops.floor(keep + keras.random.uniform(shape, seed=self.seed_generator, dtype=x.dtype))
+        return x / keep * mask
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable("dino_keras")
+class Attention(keras.layers.Layer):
+    """Multi-head self-attention with a fused qkv projection; can return its weights."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.dim = dim
+        self.num_heads = num_heads
+        self.qkv_bias = qkv_bias
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        init = dict(kernel_initializer=_trunc_normal(), bias_initializer="zeros")
+        self.qkv = keras.layers.Dense(3 * dim, use_bias=qkv_bias, name="qkv", **init)
+        self.proj = keras.layers.Dense(dim, name="proj", **init)
+
+    def build(self, input_shape):
+        self.qkv.build(input_shape)
+        self.proj.build(input_shape[:-1] + (self.dim,))
+
+    def call(self, x, return_attention=False):
+        batch, tokens = ops.shape(x)[0], ops.shape(x)[1]
+        qkv = ops.reshape(self.qkv(x), (batch, tokens, 3, self.num_heads, self.head_dim))
+        qkv = ops.transpose(qkv, (2, 0, 3, 1, 4))  # [3, B, heads, T, head_dim]
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        logits = ops.einsum("bhqd,bhkd->bhqk", q, k) * ops.cast(self.scale, q.dtype)
+        # Softmax in float32 so that mixed precision does not change the attention weights.
+        attn = ops.cast(ops.softmax(ops.cast(logits, "float32"), axis=-1), v.dtype)
+        out = ops.einsum("bhqk,bhkd->bqhd", attn, v)
+        out = self.proj(ops.reshape(out, (batch, tokens, self.dim)))
+        return (out, attn) if return_attention else out
+
+    def get_config(self):
+        return {**super().get_config(), "dim": self.dim, "num_heads": self.num_heads,
+                "qkv_bias": self.qkv_bias}
+
+
+@keras.saving.register_keras_serializable("dino_keras")
+class TransformerBlock(keras.layers.Layer):
+    """Pre-norm block: x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x)))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop_path_rate: float = 0.0, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.dim = dim
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.qkv_bias = qkv_bias
+        self.drop_path_rate = drop_path_rate
+        self.seed = seed
+        hidden = int(dim * mlp_ratio)
+        init = dict(kernel_initializer=_trunc_normal(), bias_initializer="zeros")
+        self.norm1 = keras.layers.LayerNormalization(epsilon=LAYER_NORM_EPSILON, name="norm1")
+        self.attn = Attention(dim, num_heads, qkv_bias, name="attn")
+        self.drop_path = DropPath(drop_path_rate, seed=seed, name="drop_path")
+        self.norm2 = keras.layers.LayerNormalization(epsilon=LAYER_NORM_EPSILON, name="norm2")
+        self.fc1 = keras.layers.Dense(hidden, name="fc1", **init)
+        self.fc2 = keras.layers.Dense(dim, name="fc2", **init)
+
+    def build(self, input_shape):
+        for layer in (self.norm1, self.attn, self.norm2, self.fc1):
+            layer.build(input_shape)
+        self.fc2.build(input_shape[:-1] + (int(self.dim * self.mlp_ratio),))
+
+    def call(self, x, training=False, return_attention=False):
+        y = self.attn(self.norm1(x), return_attention=return_attention)
+        if return_attention:
+            y, attn = y
+        x = x + self.drop_path(y, training=training)
+        y = self.fc2(keras.activations.gelu(self.fc1(self.norm2(x)), approximate=False))
+        x = x + self.drop_path(y, training=training)
+        return (x, attn) if return_attention else x
+
+    def get_config(self):
+        return {**super().get_config(), "dim": self.dim, "num_heads": self.num_heads,
+                "mlp_ratio": self.mlp_ratio, "qkv_bias": self.qkv_bias,
+                "drop_path_rate": self.drop_path_rate, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable("dino_keras")
+class VisionTransformer(keras.Model):
+    """ViT backbone. `call` returns the CLS token after the final LayerNorm: the DINO feature.
+
+    Args:
+        image_size: side of the square training images; sets the native position-embedding grid
+            (image_size // patch_size)^2. Other sizes, square or not, interpolate it.
+        patch_size, embed_dim, depth, num_heads, mlp_ratio, qkv_bias: the architecture.
+        drop_path_rate: stochastic-depth rate of the last block, increasing linearly from 0.
+        seed: seed of the drop-path masks.
+    """
+
+    def __init__(self, image_size: int = 224, patch_size: int = 16, embed_dim: int = 384,
+                 depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, drop_path_rate: float = 0.0, seed: int | None = None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.depth = depth
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.qkv_bias = qkv_bias
+        self.drop_path_rate = drop_path_rate
+        self.seed = seed
+        self.num_features = embed_dim
+        self.num_patches = (image_size // patch_size) ** 2
+        # Patch embedding as a strided convolution (Keras' default init, like torch's Conv2d
+        # default in the reference, which does not re-initialise it).
+        self.patch_embed = keras.layers.Conv2D(
+            embed_dim, patch_size, strides=patch_size, padding="valid", name="patch_embed",
+            kernel_initializer=keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform"),
+        )
+        rates = np.linspace(0.0, drop_path_rate, depth)
+        self.blocks = [
+            TransformerBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, float(rate),
+                             seed=None if seed is None else seed + i, name=f"blocks_{i}")
+            for i, rate in enumerate(rates)
+        ]
+        self.norm = keras.layers.LayerNormalization(epsilon=LAYER_NORM_EPSILON, name="norm")
+        self._resize_cache: dict = {}
+
+    def build(self, input_shape):
+        self.cls_token = self.add_weight(shape=(1, 1, self.embed_dim), initializer=_trunc_normal(),
+                                         name="cls_token")
+        self.pos_embed = self.add_weight(shape=(1, self.num_patches + 1, self.embed_dim),
+                                         initializer=_trunc_normal(), name="pos_embed")
+        self.patch_embed.build((None, None, None, input_shape[-1]))
+        token_shape = (None, None, self.embed_dim)
+        for block in self.blocks:
+            block.build(token_shape)
+        self.norm.build(token_shape)
+        self.built = True
+
+    # ------------------------------------------------------------------ tokens
+    def interpolate_pos_encoding(self, grid_height: int, grid_width: int):
+        """Position embedding for an h0 x w0 patch grid (the reference's bicubic formula)."""
+        if grid_height * grid_width == self.num_patches and grid_height == grid_width:
+            return self.pos_embed
+        key = (grid_height, grid_width)
+        if key not in self._resize_cache:
+            self._resize_cache[key] = position_grid_resize_matrices(
+                self.num_patches, grid_height, grid_width)
+        rows, cols = self._resize_cache[key]
+        side = int(math.sqrt(self.num_patches))
+        grid = ops.reshape(self.pos_embed[:, 1:], (side, side, self.embed_dim))
+        grid = ops.einsum("oh,hwd,pw->opd", ops.convert_to_tensor(rows), grid,
+                          ops.convert_to_tensor(cols))
+        patch_pos = ops.reshape(grid, (1, grid_height * grid_width, self.embed_dim))
+        return ops.concatenate([self.pos_embed[:, :1], patch_pos], axis=1)
+
+    def prepare_tokens(self, images):
+        """Patch tokens with the CLS token prepended and position embeddings added."""
+        height, width = images.shape[1], images.shape[2]
+        if height is None or width is None:
+            raise ValueError("VisionTransformer needs static image height and width, got "
+                             f"{images.shape}")
+        grid_height, grid_width = height // self.patch_size, width // self.patch_size
+        x = self.patch_embed(images)
+        batch = ops.shape(x)[0]
+        x = ops.reshape(x, (batch, grid_height * grid_width, self.embed_dim))
+        cls = ops.broadcast_to(ops.cast(self.cls_token, x.dtype), (batch, 1, self.embed_dim))
+        x = ops.concatenate([cls, x], axis=1)
+        return x + ops.cast(self.interpolate_pos_encoding(grid_height, grid_width), x.dtype)
+
+    # ------------------------------------------------------------------ outputs
+    def forward_features(self, images, training=False):
+        """All output tokens [B, 1 + N, D] after the final norm."""
+        x = self.prepare_tokens(images)
+        for block in self.blocks:
+            x = block(x, training=training)
+        return self.norm(x)
+
+    def call(self, images, training=False):
+        return self.forward_features(images, training=training)[:, 0]
+
+    def get_last_selfattention(self, images):
+        """Self-attention weights of the last block [B, heads, 1 + N, 1 + N]."""
+        x = self.prepare_tokens(images)
+        for block in self.blocks[:-1]:
+            x = block(x)
+        _, attn = self.blocks[-1](x, return_attention=True)
+        return attn
+
+    def get_intermediate_layers(self, images, n: int = 1):
+        """Normed outputs [B, 1 + N, D] of the last `n` blocks, oldest first."""
+        x = self.prepare_tokens(images)
+        outputs = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i >= len(self.blocks) - n:
+                outputs.append(self.norm(x))
+        return outputs
+
+    def get_config(self):
+        return {**super().get_config(), "image_size": self.image_size,
+                "patch_size": self.patch_size, "embed_dim": self.embed_dim, "depth": self.depth,
+                "num_heads": self.num_heads, "mlp_ratio": self.mlp_ratio,
+                "qkv_bias": self.qkv_bias, "drop_path_rate": self.drop_path_rate,
+                "seed": self.seed}
+
+
+def vit_flops_per_image(image_size: tuple[int, int], patch_size: int, embed_dim: int, depth: int,
+                        mlp_ratio: float = 4.0) -> float:
+    """Analytic forward FLOPs (2 per multiply-add) of the backbone on one image."""
+    tokens = (image_size[0] // patch_size) * (image_size[1] // patch_size) + 1
+    patch = 2 * (tokens - 1) * patch_size * patch_size * 3 * embed_dim
+    qkv_proj = 2 * tokens * embed_dim * embed_dim * 4
+    attention = 2 * 2 * tokens * tokens * embed_dim
+    mlp = 2 * 2 * tokens * embed_dim * int(embed_dim * mlp_ratio)
+    return float(patch + depth * (qkv_proj + attention + mlp))
+

@@ -1,0 +1,102 @@
+"""The DINO trainer: a Keras model whose `train_step` is one step of the reference's loop.
+
+Per step (all inside one XLA-compiled function when `jit_compile=True`):
+teacher forward on the two global crops, student forward on all crops, loss with the current
+centre and teacher temperature, gradients, the optimiser update (clipping, last-layer freezing,
+scheduled lr and weight decay: `dino_keras.optim`), the teacher EMA (owned by the
+`TeacherMomentum` callback, applied here so that it happens exactly once per optimiser step
+whatever `steps_per_execution` is) and the centre update. Every schedule reads the optimiser's
+step counter, so a restored optimiser resumes every schedule.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from dino_keras.loss import DinoLoss
+from dino_keras.schedules import teacher_temperature
+
+MONITOR_NAMES = ("loss", "teacher_entropy", "teacher_batch_entropy", "kl_teacher_student")
+
+
+class DinoTrainer(keras.Model):
+    """Holds student, teacher and the loss centre; trained with `fit` on multi-crop batches.
+
+    Args:
+        student, teacher: `MultiCropWrapper`s with identical architecture.
+        dino_loss: the `DinoLoss` (owns the centre variable).
+        steps_per_epoch: optimiser steps per epoch (for the per-epoch teacher temperature).
+        warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs: the temperature schedule.
+    """
+
+    def __init__(self, student, teacher, dino_loss: DinoLoss, *, steps_per_epoch: int,
+                 warmup_teacher_temp: float, teacher_temp: float,
+                 warmup_teacher_temp_epochs: int, **kwargs):
+        super().__init__(**kwargs)
+        self.student = student
+        self.teacher = teacher
+        self.dino_loss = dino_loss
+        self.center = dino_loss.center
+        self.steps_per_epoch = steps_per_epoch
+        self.warmup_teacher_temp = warmup_teacher_temp
+        self.teacher_temp = teacher_temp
+        self.warmup_teacher_temp_epochs = warmup_teacher_temp_epochs
+        self.teacher_updater = None
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in MONITOR_NAMES}
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
+
+    def attach_teacher_updater(self, updater) -> None:
+        """Called by the `TeacherMomentum` callback: it provides `update(step)`."""
+        self.teacher_updater = updater
+
+    def current_teacher_temperature(self, step):
+        return teacher_temperature(
+            step // self.steps_per_epoch, warmup_teacher_temp=self.warmup_teacher_temp,
+            teacher_temp=self.teacher_temp,
+            warmup_teacher_temp_epochs=self.warmup_teacher_temp_epochs)
+
+    def call(self, crops, training=False):
+        return self.student(crops, training=training)
+
+    def compute_loss_and_outputs(self, crops, step, training=True):
+        """Loss, monitors and teacher output for one batch of crops (no update)."""
+        crops = list(crops)
+        teacher_output = tf.stop_gradient(self.teacher(crops[:2], training=training))
+        student_output = self.student(crops, training=training)
+        temperature = self.current_teacher_temperature(step)
+        loss, monitors = self.dino_loss(student_output, teacher_output, temperature)
+        return loss, monitors, teacher_output, temperature
+
+    def train_step(self, data):
+        if self.teacher_updater is None:
+            raise RuntimeError(
+                "DinoTrainer.fit needs the TeacherMomentum callback "
+                "(dino_keras.callbacks.TeacherMomentum) to update the teacher.")
+        step = tf.identity(self.optimizer.iterations)
+        variables = self.student.trainable_variables
+        with tf.GradientTape() as tape:
+            loss, monitors, teacher_output, temperature = self.compute_loss_and_outputs(data, step)
+            scaled_loss = self.optimizer.scale_loss(loss)
+        gradients = tape.gradient(scaled_loss, variables)
+        inner_optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        lr, wd = inner_optimizer.learning_rate, inner_optimizer.current_weight_decay()
+        self.optimizer.apply(gradients, variables)
+        momentum = self.teacher_updater.update(step)
+        self.dino_loss.update_center(teacher_output)
+
+        self.trackers["loss"].update_state(loss)
+        for name, value in monitors.items():
+            self.trackers[name].update_state(value)
+        logs = {name: tracker.result() for name, tracker in self.trackers.items()}
+        logs.update(
+            lr=lr,
+            wd=wd,
+            momentum=momentum,
+            teacher_temp=temperature,
+            center_norm=tf.norm(self.center),
+        )
+        return logs
