@@ -17,11 +17,8 @@ import tensorflow as tf
 STUDENT_TEMPERATURE = 0.1
 CENTER_MOMENTUM = 0.9
 
-
 def _entropy(probs, log_probs):
     return -tf.reduce_sum(probs * log_probs, axis=-1)
-
-
 
 def dino_cross_entropy(student_output, teacher_output, center, teacher_temp,
                        num_student_crops: int, student_temp: float = STUDENT_TEMPERATURE):
@@ -69,9 +66,7 @@ def dino_cross_entropy(student_output, teacher_output, center, teacher_temp,
     }
     return loss, monitors
 
-
 compiled_dino_cross_entropy = tf.function(dino_cross_entropy, jit_compile=True)
-
 
 class DinoLoss(tf.Module):
     """Owns the centre and the teacher-temperature-aware loss."""

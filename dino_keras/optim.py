@@ -116,11 +116,13 @@ class DinoOptimizer(keras.optimizers.Optimizer):
         variable.assign(variable * (1.0 - lr * wd))
         m.assign(m + (gradient - m) * (1.0 - beta1))
         v.assign(v * beta2 + gradient * gradient * (1.0 - beta2))
-        t = tf.cast(step, variable.dtype)
-        bias_correction1 = 1.0 - tf.pow(tf.cast(beta1, variable.dtype), t)
-        bias_correction2 = 1.0 - tf.pow(tf.cast(beta2, variable.dtype), t)
-        denom = tf.sqrt(v) / tf.sqrt(bias_correction2) + ADAM_EPSILON
-        variable.assign_sub((lr / bias_correction1) * m / denom)
+        # Bias corrections in float64, as PyTorch computes them from a Python step count.
+        t = tf.cast(step, tf.float64)
+        bias_correction1 = 1.0 - tf.pow(tf.constant(beta1, tf.float64), t)
+        bias_correction2 = 1.0 - tf.pow(tf.constant(beta2, tf.float64), t)
+        step_size = tf.cast(tf.cast(lr, tf.float64) / bias_correction1, variable.dtype)
+        denom = tf.sqrt(v) / tf.cast(tf.sqrt(bias_correction2), variable.dtype) + ADAM_EPSILON
+        variable.assign_sub(step_size * m / denom)
 
     def _sgd(self, variable, gradient, lr, wd, index):
         buf = self._momentum_buffers[index]
