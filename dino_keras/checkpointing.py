@@ -4,6 +4,13 @@
 the index file are written), `epoch-NNNN` is kept every `saveckp_freq` epochs. The resolved
 configuration of the run is stored beside them (`config.json`); a rerun of a different
 architecture into the same directory is refused before anything is written.
+
+Besides the networks themselves, the checkpoint holds every variable of the student and of the
+teacher in a dict keyed by its path inside the network (`network_variables`): Keras 3 keeps
+sublayers held in a list (the ViT's `blocks`, the head's `mlp_layers`) out of TensorFlow's
+object graph, so `tf.train.Checkpoint(student=..., teacher=...)` alone would save neither the
+teacher's transformer blocks nor its head MLP (the student's are reached only through the
+optimizer).
 """
 
 from __future__ import annotations
@@ -17,7 +24,13 @@ from dino_keras.config import ConfigError, TrainConfig
 
 # Changing one of these makes an existing checkpoint unusable for the run.
 ARCHITECTURE_FLAGS = ("arch", "patch_size", "embed_dim", "depth", "num_heads", "out_dim",
+                      "head_hidden_dim", "head_bottleneck_dim",
                       "norm_last_layer", "use_bn_in_head", "optimizer", "global_crops_size")
+
+
+def network_variables(network) -> dict:
+    """Every variable of a network keyed by its path inside it ("backbone/blocks_0/...")."""
+    return {variable.path.split("/", 1)[1]: variable for variable in network.variables}
 
 
 class TrainingCheckpoint:
@@ -25,6 +38,8 @@ class TrainingCheckpoint:
         self.directory = directory
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         self.checkpoint = tf.train.Checkpoint(student=student, teacher=teacher,
+                                              student_variables=network_variables(student),
+                                              teacher_variables=network_variables(teacher),
                                               optimizer=optimizer, center=center,
                                               epoch=self.epoch)
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=1,

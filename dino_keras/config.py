@@ -44,6 +44,8 @@ class TrainConfig:
     depth: int = _field(0, "Custom ViT depth; 0 keeps the depth of --arch.")
     num_heads: int = _field(0, "Custom ViT heads; 0 keeps the heads of --arch.")
     out_dim: int = _field(65536, "Dimension of the DINO head output (number of prototypes).")
+    head_hidden_dim: int = _field(2048, "Hidden width of the DINO head MLP.")
+    head_bottleneck_dim: int = _field(256, "Bottleneck width of the DINO head before the prototypes.")
     norm_last_layer: bool = _field(True, "Freeze the weight-norm gain of the head's last layer at 1.")
     use_bn_in_head: bool = _field(False, "BatchNorm in the head MLP.")
     drop_path_rate: float = _field(0.1, "Stochastic depth rate of the student (0 for the teacher).")
@@ -141,7 +143,7 @@ class TrainConfig:
             fail("use_fp16", f"conflicts with --precision={self.precision}; set only one")
         if self.strategy not in STRATEGIES:
             fail("strategy", f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-        for name in ("out_dim", "batch_size_per_gpu", "epochs", "global_crops_size", "patch_size",
+        for name in ("out_dim", "head_hidden_dim", "head_bottleneck_dim", "batch_size_per_gpu", "epochs", "global_crops_size", "patch_size",
                      "saveckp_freq", "steps_per_execution", "knn_k", "eval_batch_size"):
             if getattr(self, name) <= 0:
                 fail(name, f"must be positive, got {getattr(self, name)}")

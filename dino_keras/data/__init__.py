@@ -1,0 +1,1 @@
+"""Input pipelines: image sources, DINO's multi-crop augmentation, the evaluation transform."""

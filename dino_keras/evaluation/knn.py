@@ -43,7 +43,7 @@ def weighted_knn(train_features, train_labels, test_features, test_labels, *, k:
         neighbours = tf.one_hot(tf.gather(train_labels, indices), num_classes)  # [q, k, C]
         votes = tf.reduce_sum(neighbours * tf.exp(distances / temperature)[..., None], axis=1)
         _, predictions = tf.math.top_k(votes, k=min(5, num_classes))
-        correct = tf.equal(predictions, targets[:, None])
+        correct = tf.equal(tf.cast(predictions, tf.int64), targets[:, None])
         top1 += int(tf.reduce_sum(tf.cast(correct[:, 0], tf.int32)))
         top5 += int(tf.reduce_sum(tf.cast(tf.reduce_any(correct[:, :min(5, k)], axis=1), tf.int32)))
     total = len(test_labels)

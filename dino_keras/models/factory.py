@@ -28,7 +28,8 @@ def _build_network(config: TrainConfig, *, drop_path_rate: float, synchronized_b
     backbone = build_backbone(config, drop_path_rate=drop_path_rate,
                               synchronized_bn=synchronized_bn, name="backbone")
     head = DinoHead(config.out_dim, use_bn=config.use_bn_in_head,
-                    norm_last_layer=config.norm_last_layer, synchronized_bn=synchronized_bn,
+                    norm_last_layer=config.norm_last_layer, hidden_dim=config.head_hidden_dim,
+                    bottleneck_dim=config.head_bottleneck_dim, synchronized_bn=synchronized_bn,
                     name="head")
     network = MultiCropWrapper(backbone, head, name=name)
     crops = [ops.zeros((1, config.global_crops_size, config.global_crops_size, 3))]

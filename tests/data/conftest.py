@@ -1,0 +1,99 @@
+"""Fixtures writing tiny synthetic data sets (image files, idx files, TFRecords) for the data tests.
+
+The writers are exposed as factory fixtures (a fixture returning the function), so the test
+modules need no imports from this file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import struct
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+
+def encode_image(array: np.ndarray, image_format: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, image_format)
+    return buffer.getvalue()
+
+
+def write_image(path, array: np.ndarray, image_format: str | None = None) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    image_format = image_format or ("JPEG" if str(path).lower().endswith((".jpg", ".jpeg"))
+                                    else "PNG")
+    with open(path, "wb") as file:
+        file.write(encode_image(array, image_format))
+    return str(path)
+
+
+def random_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def write_idx(folder, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:
+    """MNIST-style gzipped idx files {prefix}-images-idx3-ubyte.gz and -labels-idx1-ubyte.gz."""
+    os.makedirs(folder, exist_ok=True)
+    with gzip.open(os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz"), "wb") as file:
+        file.write(struct.pack(">IIII", 2051, *images.shape) + images.astype(np.uint8).tobytes())
+    with gzip.open(os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz"), "wb") as file:
+        file.write(struct.pack(">II", 2049, len(labels)) + labels.astype(np.uint8).tobytes())
+
+
+def write_tfrecord(path, encoded_images: list[bytes], labels: list[int] | None) -> str:
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for i, encoded in enumerate(encoded_images):
+            feature = {"image/encoded": tf.train.Feature(
+                bytes_list=tf.train.BytesList(value=[encoded]))}
+            if labels is not None:
+                feature["image/class/label"] = tf.train.Feature(
+                    int64_list=tf.train.Int64List(value=[labels[i]]))
+            writer.write(tf.train.Example(
+                features=tf.train.Features(feature=feature)).SerializeToString())
+    return str(path)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+@pytest.fixture
+def idx_folder(tmp_path):
+    """idx files: 40 train images (28x28, labels 0..3) and 10 test images."""
+    generator = np.random.default_rng(1)
+    train = generator.integers(0, 256, (40, 28, 28), dtype=np.uint8)
+    test = generator.integers(0, 256, (10, 28, 28), dtype=np.uint8)
+    write_idx(tmp_path / "idx", "train", train, np.arange(40) % 4)
+    write_idx(tmp_path / "idx", "t10k", test, np.arange(10) % 4)
+    return tmp_path / "idx", train, test
+
+
+@pytest.fixture(name="encode_image")
+def encode_image_fixture():
+    return encode_image
+
+
+@pytest.fixture(name="write_image")
+def write_image_fixture():
+    return write_image
+
+
+@pytest.fixture(name="random_image")
+def random_image_fixture():
+    return random_image
+
+
+@pytest.fixture(name="write_idx")
+def write_idx_fixture():
+    return write_idx
+
+
+@pytest.fixture(name="write_tfrecord")
+def write_tfrecord_fixture():
+    return write_tfrecord
