@@ -117,8 +117,10 @@ class KnnEvaluation(keras.callbacks.Callback):
     """Teacher k-NN accuracy at epoch 0 (before training), every `every` epochs and at the
     end, added to the epoch logs as `knn_top1` / `knn_top5`."""
 
-    def __init__(self, evaluator, run_log: RunLog, every: int, epochs: int, k: int):
+    def __init__(self, evaluator, run_log: RunLog, every: int, epochs: int, k: int,
+                 initial_epoch: int = 0):
         super().__init__()
+        self.initial_epoch = initial_epoch
         self.evaluator = evaluator
         self.run_log = run_log
         self.every = every
@@ -135,7 +137,7 @@ class KnnEvaluation(keras.callbacks.Callback):
         return result
 
     def on_train_begin(self, logs=None):
-        if self.params.get("initial_epoch", 0) == 0 and 0 not in self.results:
+        if self.initial_epoch == 0 and 0 not in self.results:
             result = self.evaluate(0)
             self.run_log.write(0, {"knn_top1": result["top1"], "knn_top5": result["top5"]})
 

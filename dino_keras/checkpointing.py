@@ -33,11 +33,33 @@ def network_variables(network) -> dict:
     return {variable.path.split("/", 1)[1]: variable for variable in network.variables}
 
 
+class NetworkVariables(tf.Module):
+    """Every variable of a Keras network, keyed by its path inside the network.
+
+    Keras 3 keeps layers held in Python lists (transformer blocks, head layers) out of
+    `tf.train.Checkpoint`'s object graph, so checkpoints address networks through this
+    explicit, stable mapping instead of the layer objects.
+    """
+
+    def __init__(self, network):
+        super().__init__()
+        prefix = network.name + "/"
+        self.by_path = {v.path[len(prefix):] if v.path.startswith(prefix) else v.path: v
+                        for v in network.variables}
+
+
+def network_checkpoint(**networks) -> tf.train.Checkpoint:
+    """A checkpoint object for networks only, e.g. `network_checkpoint(teacher=teacher)`:
+    restores the student/teacher of a training checkpoint without the optimiser."""
+    return tf.train.Checkpoint(**{name: NetworkVariables(net) for name, net in networks.items()})
+
+
 class TrainingCheckpoint:
     def __init__(self, directory: str, *, student, teacher, optimizer, center):
         self.directory = directory
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-        self.checkpoint = tf.train.Checkpoint(student=student, teacher=teacher,
+        self.checkpoint = tf.train.Checkpoint(student=NetworkVariables(student),
+                                              teacher=NetworkVariables(teacher),
                                               student_variables=network_variables(student),
                                               teacher_variables=network_variables(teacher),
                                               optimizer=optimizer, center=center,

@@ -122,7 +122,8 @@ def run_training(config: TrainConfig) -> dict:
                                batch_size=config.eval_batch_size),
             num_classes=max(train_source.num_classes, eval_source.num_classes),
             k=config.knn_k, temperature=config.knn_temperature)
-        knn = cbs.KnnEvaluation(evaluator, run_log, config.eval_every, config.epochs, config.knn_k)
+        knn = cbs.KnnEvaluation(evaluator, run_log, config.eval_every, config.epochs, config.knn_k,
+                                initial_epoch=initial_epoch)
 
     start = time.time()
     if initial_epoch < config.epochs:
