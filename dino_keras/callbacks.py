@@ -36,8 +36,12 @@ class TeacherMomentum(keras.callbacks.Callback):
         model.attach_teacher_updater(self)
 
     def momentum(self, step):
-        return tf.cast(cosine_schedule(step, base_value=self.base_momentum, final_value=1.0,
-                                       total_steps=self.total_steps), tf.float32)
+        return tf.cast(
+            cosine_schedule(
+                step, base_value=self.base_momentum, final_value=1.0, total_steps=self.total_steps
+            ),
+            tf.float32,
+        )
 
     def variable_pairs(self):
         """(teacher, student) parameter pairs, matched by their path inside the networks."""
@@ -63,7 +67,8 @@ def matching_parameters(student, teacher):
 
     teacher_by_path = {relative(v): v for v in teacher.variables}
     parameters = list(student.trainable_variables) + [
-        v for v in student.non_trainable_variables if v.path.endswith("last_layer/gain")]
+        v for v in student.non_trainable_variables if v.path.endswith("last_layer/gain")
+    ]
     return [(teacher_by_path[relative(v)], v) for v in parameters]
 
 
@@ -82,8 +87,11 @@ class RunLog:
     def __init__(self, output_dir: str, enabled: bool = True):
         self.path = os.path.join(output_dir, "log.jsonl")
         self.enabled = enabled
-        self.writer = (tf.summary.create_file_writer(os.path.join(output_dir, "tensorboard"))
-                       if enabled else None)
+        self.writer = (
+            tf.summary.create_file_writer(os.path.join(output_dir, "tensorboard"))
+            if enabled
+            else None
+        )
 
     def write(self, epoch: int, values: dict) -> dict:
         record = {"epoch": epoch, **{k: _to_python(v) for k, v in values.items()}}
@@ -117,8 +125,9 @@ class KnnEvaluation(keras.callbacks.Callback):
     """Teacher k-NN accuracy at epoch 0 (before training), every `every` epochs and at the
     end, added to the epoch logs as `knn_top1` / `knn_top5`."""
 
-    def __init__(self, evaluator, run_log: RunLog, every: int, epochs: int, k: int,
-                 initial_epoch: int = 0):
+    def __init__(
+        self, evaluator, run_log: RunLog, every: int, epochs: int, k: int, initial_epoch: int = 0
+    ):
         super().__init__()
         self.initial_epoch = initial_epoch
         self.evaluator = evaluator
@@ -132,8 +141,11 @@ class KnnEvaluation(keras.callbacks.Callback):
         start = time.time()
         result = self.evaluator(self.model.teacher.backbone)
         self.results[epoch] = result
-        print(f"Teacher k-NN@{self.k} after epoch {epoch}: top-1 {result['top1']:.2f}%, "
-              f"top-5 {result['top5']:.2f}% ({time.time() - start:.0f} s)", flush=True)
+        print(
+            f"Teacher k-NN@{self.k} after epoch {epoch}: top-1 {result['top1']:.2f}%, "
+            f"top-5 {result['top5']:.2f}% ({time.time() - start:.0f} s)",
+            flush=True,
+        )
         return result
 
     def on_train_begin(self, logs=None):
@@ -203,4 +215,5 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
             step = self._epoch * self.steps_per_epoch + batch + 1
             raise NonFiniteLossError(
                 f"loss is {loss} at step {step} (epoch {self._epoch + 1}, batch {batch + 1}); "
-                f"training stopped. The last good checkpoint in {self.checkpoint_dir} is intact.")
+                f"training stopped. The last good checkpoint in {self.checkpoint_dir} is intact."
+            )

@@ -4,13 +4,6 @@
 the index file are written), `epoch-NNNN` is kept every `saveckp_freq` epochs. The resolved
 configuration of the run is stored beside them (`config.json`); a rerun of a different
 architecture into the same directory is refused before anything is written.
-
-Besides the networks themselves, the checkpoint holds every variable of the student and of the
-teacher in a dict keyed by its path inside the network (`network_variables`): Keras 3 keeps
-sublayers held in a list (the ViT's `blocks`, the head's `mlp_layers`) out of TensorFlow's
-object graph, so `tf.train.Checkpoint(student=..., teacher=...)` alone would save neither the
-teacher's transformer blocks nor its head MLP (the student's are reached only through the
-optimizer).
 """
 
 from __future__ import annotations
@@ -23,14 +16,20 @@ import tensorflow as tf
 from dino_keras.config import ConfigError, TrainConfig
 
 # Changing one of these makes an existing checkpoint unusable for the run.
-ARCHITECTURE_FLAGS = ("arch", "patch_size", "embed_dim", "depth", "num_heads", "out_dim",
-                      "head_hidden_dim", "head_bottleneck_dim",
-                      "norm_last_layer", "use_bn_in_head", "optimizer", "global_crops_size")
-
-
-def network_variables(network) -> dict:
-    """Every variable of a network keyed by its path inside it ("backbone/blocks_0/...")."""
-    return {variable.path.split("/", 1)[1]: variable for variable in network.variables}
+ARCHITECTURE_FLAGS = (
+    "arch",
+    "patch_size",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "out_dim",
+    "head_hidden_dim",
+    "head_bottleneck_dim",
+    "norm_last_layer",
+    "use_bn_in_head",
+    "optimizer",
+    "global_crops_size",
+)
 
 
 class NetworkVariables(tf.Module):
@@ -38,14 +37,18 @@ class NetworkVariables(tf.Module):
 
     Keras 3 keeps layers held in Python lists (transformer blocks, head layers) out of
     `tf.train.Checkpoint`'s object graph, so checkpoints address networks through this
-    explicit, stable mapping instead of the layer objects.
+    explicit, stable mapping instead of the layer objects. Random-generator states (drop path)
+    are left out: Keras names them by a process-wide counter, so their paths are not stable.
     """
 
     def __init__(self, network):
         super().__init__()
         prefix = network.name + "/"
-        self.by_path = {v.path[len(prefix):] if v.path.startswith(prefix) else v.path: v
-                        for v in network.variables}
+        self.by_path = {
+            v.path[len(prefix) :] if v.path.startswith(prefix) else v.path: v
+            for v in network.variables
+            if not v.path.endswith("seed_generator_state")
+        }
 
 
 def network_checkpoint(**networks) -> tf.train.Checkpoint:
@@ -58,14 +61,16 @@ class TrainingCheckpoint:
     def __init__(self, directory: str, *, student, teacher, optimizer, center):
         self.directory = directory
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-        self.checkpoint = tf.train.Checkpoint(student=NetworkVariables(student),
-                                              teacher=NetworkVariables(teacher),
-                                              student_variables=network_variables(student),
-                                              teacher_variables=network_variables(teacher),
-                                              optimizer=optimizer, center=center,
-                                              epoch=self.epoch)
-        self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=1,
-                                                  checkpoint_name="latest")
+        self.checkpoint = tf.train.Checkpoint(
+            student=NetworkVariables(student),
+            teacher=NetworkVariables(teacher),
+            optimizer=optimizer,
+            center=center,
+            epoch=self.epoch,
+        )
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, directory, max_to_keep=1, checkpoint_name="latest"
+        )
 
     @property
     def latest_path(self) -> str | None:
@@ -100,7 +105,8 @@ def check_or_write_run_config(config: TrainConfig) -> None:
                 raise ConfigError(
                     f"--{flag}={current} differs from the checkpoints in {config.checkpoint_dir} "
                     f"(trained with --{flag}={saved[flag]}); use another --output_dir or the "
-                    "same value. Nothing was overwritten.")
+                    "same value. Nothing was overwritten."
+                )
     os.makedirs(config.output_dir, exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:

@@ -39,14 +39,20 @@ def _field(default, help_text: str, **kwargs):
 class TrainConfig:
     # Model.
     arch: str = _field("vit_small", f"Backbone: one of {', '.join(ARCHS)}.")
-    patch_size: int = _field(16, "ViT patch size in pixels (8 or 16 on ImageNet, 4 on 28 px images).")
+    patch_size: int = _field(
+        16, "ViT patch size in pixels (8 or 16 on ImageNet, 4 on 28 px images)."
+    )
     embed_dim: int = _field(0, "Custom ViT width; 0 keeps the width of --arch.")
     depth: int = _field(0, "Custom ViT depth; 0 keeps the depth of --arch.")
     num_heads: int = _field(0, "Custom ViT heads; 0 keeps the heads of --arch.")
     out_dim: int = _field(65536, "Dimension of the DINO head output (number of prototypes).")
     head_hidden_dim: int = _field(2048, "Hidden width of the DINO head MLP.")
-    head_bottleneck_dim: int = _field(256, "Bottleneck width of the DINO head before the prototypes.")
-    norm_last_layer: bool = _field(True, "Freeze the weight-norm gain of the head's last layer at 1.")
+    head_bottleneck_dim: int = _field(
+        256, "Bottleneck width of the DINO head before the prototypes."
+    )
+    norm_last_layer: bool = _field(
+        True, "Freeze the weight-norm gain of the head's last layer at 1."
+    )
     use_bn_in_head: bool = _field(False, "BatchNorm in the head MLP.")
     drop_path_rate: float = _field(0.1, "Stochastic depth rate of the student (0 for the teacher).")
     # Teacher and loss.
@@ -99,7 +105,9 @@ class TrainConfig:
         "Labelled images for k-NN evaluation (same forms as --data_path); empty: the test "
         "split of --data_path when it has one (Fashion-MNIST, TFDS, split folders).",
     )
-    eval_every: int = _field(1, "Evaluate k-NN every N epochs (and at epoch 0 and the end); 0: only at the ends.")
+    eval_every: int = _field(
+        1, "Evaluate k-NN every N epochs (and at epoch 0 and the end); 0: only at the ends."
+    )
     knn_k: int = _field(20, "Neighbours of the weighted k-NN evaluation.")
     knn_temperature: float = _field(0.07, "Temperature of the weighted k-NN vote.")
     eval_batch_size: int = _field(256, "Batch size of feature extraction for evaluation.")
@@ -136,21 +144,54 @@ class TrainConfig:
         if self.arch not in ARCHS:
             fail("arch", f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHS)}")
         if self.optimizer not in OPTIMIZERS:
-            fail("optimizer", f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+            fail(
+                "optimizer",
+                f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}",
+            )
         if self.precision not in PRECISIONS:
-            fail("precision", f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+            fail(
+                "precision",
+                f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}",
+            )
         if self.use_fp16 and self.precision != "float32":
             fail("use_fp16", f"conflicts with --precision={self.precision}; set only one")
         if self.strategy not in STRATEGIES:
-            fail("strategy", f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-        for name in ("out_dim", "head_hidden_dim", "head_bottleneck_dim", "batch_size_per_gpu", "epochs", "global_crops_size", "patch_size",
-                     "saveckp_freq", "steps_per_execution", "knn_k", "eval_batch_size"):
+            fail(
+                "strategy",
+                f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}",
+            )
+        for name in (
+            "out_dim",
+            "head_hidden_dim",
+            "head_bottleneck_dim",
+            "batch_size_per_gpu",
+            "epochs",
+            "global_crops_size",
+            "patch_size",
+            "saveckp_freq",
+            "steps_per_execution",
+            "knn_k",
+            "eval_batch_size",
+        ):
             if getattr(self, name) <= 0:
                 fail(name, f"must be positive, got {getattr(self, name)}")
-        for name in ("local_crops_number", "limit_images", "eval_every", "freeze_last_layer",
-                     "warmup_epochs", "warmup_teacher_temp_epochs", "embed_dim", "depth",
-                     "num_heads", "lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad",
-                     "drop_path_rate"):
+        for name in (
+            "local_crops_number",
+            "limit_images",
+            "eval_every",
+            "freeze_last_layer",
+            "warmup_epochs",
+            "warmup_teacher_temp_epochs",
+            "embed_dim",
+            "depth",
+            "num_heads",
+            "lr",
+            "min_lr",
+            "weight_decay",
+            "weight_decay_end",
+            "clip_grad",
+            "drop_path_rate",
+        ):
             if getattr(self, name) < 0:
                 fail(name, f"must be >= 0, got {getattr(self, name)}")
         if self.local_crops_number > 0 and self.local_crops_size <= 0:
@@ -165,8 +206,10 @@ class TrainConfig:
         if self.warmup_epochs > self.epochs:
             fail("warmup_epochs", f"({self.warmup_epochs}) exceeds --epochs ({self.epochs})")
         if self.warmup_teacher_temp_epochs > self.epochs:
-            fail("warmup_teacher_temp_epochs",
-                 f"({self.warmup_teacher_temp_epochs}) exceeds --epochs ({self.epochs})")
+            fail(
+                "warmup_teacher_temp_epochs",
+                f"({self.warmup_teacher_temp_epochs}) exceeds --epochs ({self.epochs})",
+            )
         for name in ("global_crops_scale", "local_crops_scale"):
             scale = getattr(self, name)
             if len(scale) != 2:
@@ -175,21 +218,30 @@ class TrainConfig:
             if not (0.0 < low <= high <= 1.0):
                 fail(name, f"needs 0 < min <= max <= 1, got {low},{high}")
         if self.local_crops_number > 0 and self.local_crops_scale[1] > self.global_crops_scale[0]:
-            fail("local_crops_scale",
-                 f"max ({self.local_crops_scale[1]}) must not exceed the global crops' min "
-                 f"scale --global_crops_scale ({self.global_crops_scale[0]})")
+            fail(
+                "local_crops_scale",
+                f"max ({self.local_crops_scale[1]}) must not exceed the global crops' min "
+                f"scale --global_crops_scale ({self.global_crops_scale[0]})",
+            )
         if self.is_vit:
             width, depth, heads = self.vit_dims
             if width % heads:
                 fail("num_heads", f"width {width} is not divisible by {heads} heads")
             if self.global_crops_size % self.patch_size:
-                fail("global_crops_size",
-                     f"{self.global_crops_size} is not divisible by --patch_size={self.patch_size}")
+                fail(
+                    "global_crops_size",
+                    f"{self.global_crops_size} is not divisible by --patch_size={self.patch_size}",
+                )
             if self.local_crops_number > 0 and self.local_crops_size % self.patch_size:
-                fail("local_crops_size",
-                     f"{self.local_crops_size} is not divisible by --patch_size={self.patch_size}")
+                fail(
+                    "local_crops_size",
+                    f"{self.local_crops_size} is not divisible by --patch_size={self.patch_size}",
+                )
         elif self.local_crops_number > 0 and self.local_crops_size < 32:
-            fail("local_crops_size", f"resnet50 needs crops of at least 32 px, got {self.local_crops_size}")
+            fail(
+                "local_crops_size",
+                f"resnet50 needs crops of at least 32 px, got {self.local_crops_size}",
+            )
         if not self.data_path:
             fail("data_path", "is empty")
         if not self.output_dir:
@@ -228,7 +280,9 @@ def config_from_flags(flag_values, config_cls=TrainConfig):
             try:
                 value = tuple(float(v) for v in value)
             except ValueError:
-                raise ConfigError(f"--{field.name}: expected numbers 'min,max', got {value!r}") from None
+                raise ConfigError(
+                    f"--{field.name}: expected numbers 'min,max', got {value!r}"
+                ) from None
         values[field.name] = value
     config = config_cls(**values)
     config.validate()

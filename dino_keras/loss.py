@@ -17,11 +17,19 @@ import tensorflow as tf
 STUDENT_TEMPERATURE = 0.1
 CENTER_MOMENTUM = 0.9
 
+
 def _entropy(probs, log_probs):
     return -tf.reduce_sum(probs * log_probs, axis=-1)
 
-def dino_cross_entropy(student_output, teacher_output, center, teacher_temp,
-                       num_student_crops: int, student_temp: float = STUDENT_TEMPERATURE):
+
+def dino_cross_entropy(
+    student_output,
+    teacher_output,
+    center,
+    teacher_temp,
+    num_student_crops: int,
+    student_temp: float = STUDENT_TEMPERATURE,
+):
     """Loss and collapse monitors for one batch.
 
     Args:
@@ -39,8 +47,9 @@ def dino_cross_entropy(student_output, teacher_output, center, teacher_temp,
     student_output = tf.cast(student_output, tf.float32)
     teacher_output = tf.cast(teacher_output, tf.float32)
     teacher_temp = tf.cast(teacher_temp, tf.float32)
-    student_log_probs = tf.split(tf.nn.log_softmax(student_output / student_temp, axis=-1),
-                                 num_student_crops)
+    student_log_probs = tf.split(
+        tf.nn.log_softmax(student_output / student_temp, axis=-1), num_student_crops
+    )
     teacher_logits = (teacher_output - tf.cast(center, tf.float32)) / teacher_temp
     teacher_probs = tf.stop_gradient(tf.nn.softmax(teacher_logits, axis=-1))
     teacher_log_probs = tf.stop_gradient(tf.nn.log_softmax(teacher_logits, axis=-1))
@@ -66,14 +75,21 @@ def dino_cross_entropy(student_output, teacher_output, center, teacher_temp,
     }
     return loss, monitors
 
+
 compiled_dino_cross_entropy = tf.function(dino_cross_entropy, jit_compile=True)
+
 
 class DinoLoss(tf.Module):
     """Owns the centre and the teacher-temperature-aware loss."""
 
-    def __init__(self, out_dim: int, num_student_crops: int,
-                 student_temp: float = STUDENT_TEMPERATURE,
-                 center_momentum: float = CENTER_MOMENTUM, name: str = "dino_loss"):
+    def __init__(
+        self,
+        out_dim: int,
+        num_student_crops: int,
+        student_temp: float = STUDENT_TEMPERATURE,
+        center_momentum: float = CENTER_MOMENTUM,
+        name: str = "dino_loss",
+    ):
         super().__init__(name=name)
         self.out_dim = out_dim
         self.num_student_crops = num_student_crops
@@ -81,12 +97,22 @@ class DinoLoss(tf.Module):
         self.center_momentum = center_momentum
         # Identical on every replica: it is set from an all-reduced mean, so the first
         # replica's write is the value of all.
-        self.center = tf.Variable(tf.zeros((1, out_dim)), trainable=False, name="center",
-                                  aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        self.center = tf.Variable(
+            tf.zeros((1, out_dim)),
+            trainable=False,
+            name="center",
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        )
 
     def __call__(self, student_output, teacher_output, teacher_temp):
-        return dino_cross_entropy(student_output, teacher_output, self.center, teacher_temp,
-                                  self.num_student_crops, self.student_temp)
+        return dino_cross_entropy(
+            student_output,
+            teacher_output,
+            self.center,
+            teacher_temp,
+            self.num_student_crops,
+            self.student_temp,
+        )
 
     def update_center(self, teacher_output):
         """center <- m * center + (1 - m) * mean of teacher outputs over the global batch."""
@@ -96,8 +122,10 @@ class DinoLoss(tf.Module):
         replica_context = tf.distribute.get_replica_context()
         if replica_context is not None and replica_context.num_replicas_in_sync > 1:
             batch_sum, count = replica_context.all_reduce(
-                tf.distribute.ReduceOp.SUM, [batch_sum, count])
+                tf.distribute.ReduceOp.SUM, [batch_sum, count]
+            )
         batch_center = batch_sum / count
-        self.center.assign(self.center * self.center_momentum
-                           + batch_center * (1.0 - self.center_momentum))
+        self.center.assign(
+            self.center * self.center_momentum + batch_center * (1.0 - self.center_momentum)
+        )
         return batch_center

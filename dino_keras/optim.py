@@ -52,9 +52,16 @@ class DinoOptimizer(keras.optimizers.Optimizer):
         freeze_last_layer_steps: steps during which `last_layer` parameters are not updated.
     """
 
-    def __init__(self, kind: str = "adamw", learning_rate=1e-3, weight_decay_schedule=None,
-                 clip_grad: float = 0.0, freeze_last_layer_steps: int = 0,
-                 name: str = "dino_optimizer", **kwargs):
+    def __init__(
+        self,
+        kind: str = "adamw",
+        learning_rate=1e-3,
+        weight_decay_schedule=None,
+        clip_grad: float = 0.0,
+        freeze_last_layer_steps: int = 0,
+        name: str = "dino_optimizer",
+        **kwargs,
+    ):
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         if kind not in ("adamw", "sgd", "lars"):
             raise ValueError(f"unknown optimizer kind {kind!r}")
@@ -72,8 +79,10 @@ class DinoOptimizer(keras.optimizers.Optimizer):
         super().build(variables)
         self._decayed = [is_weight_decayed(v) for v in variables]
         self._frozen_early = [is_last_layer(v) for v in variables]
-        self._steps = [self.add_variable((), initializer="zeros", dtype="int64",
-                                         name=f"{v.name}_step") for v in variables]
+        self._steps = [
+            self.add_variable((), initializer="zeros", dtype="int64", name=f"{v.name}_step")
+            for v in variables
+        ]
         if self.kind == "adamw":
             self._moments = self.add_optimizer_variables(variables, "moment")
             self._velocities = self.add_optimizer_variables(variables, "velocity")
@@ -87,8 +96,11 @@ class DinoOptimizer(keras.optimizers.Optimizer):
         index = self._get_variable_index(variable)
         gradient = tf.cast(gradient, variable.dtype)
         lr = tf.cast(learning_rate, variable.dtype)
-        wd = (tf.cast(self.current_weight_decay(), variable.dtype) if self._decayed[index]
-              else tf.constant(0.0, variable.dtype))
+        wd = (
+            tf.cast(self.current_weight_decay(), variable.dtype)
+            if self._decayed[index]
+            else tf.constant(0.0, variable.dtype)
+        )
         if self.clip_grad > 0:
             norm = tf.norm(gradient)
             gradient = gradient * tf.minimum(1.0, self.clip_grad / (norm + CLIP_EPSILON))
@@ -105,8 +117,9 @@ class DinoOptimizer(keras.optimizers.Optimizer):
             return tf.constant(True)
 
         if self._frozen_early[index] and self.freeze_last_layer_steps > 0:
-            tf.cond(self.iterations >= self.freeze_last_layer_steps, update,
-                    lambda: tf.constant(False))
+            tf.cond(
+                self.iterations >= self.freeze_last_layer_steps, update, lambda: tf.constant(False)
+            )
         else:
             update()
 
@@ -136,8 +149,11 @@ class DinoOptimizer(keras.optimizers.Optimizer):
             gradient = gradient + wd * variable
             param_norm = tf.norm(variable)
             update_norm = tf.norm(gradient)
-            trust = tf.where((param_norm > 0.0) & (update_norm > 0.0),
-                             LARS_ETA * param_norm / tf.maximum(update_norm, 1e-30), 1.0)
+            trust = tf.where(
+                (param_norm > 0.0) & (update_norm > 0.0),
+                LARS_ETA * param_norm / tf.maximum(update_norm, 1e-30),
+                1.0,
+            )
             gradient = gradient * trust
         buf.assign(buf * MOMENTUM + gradient)
         variable.assign_sub(lr * buf)
@@ -146,7 +162,9 @@ class DinoOptimizer(keras.optimizers.Optimizer):
         return {
             **super().get_config(),
             "kind": self.kind,
-            "weight_decay_schedule": keras.saving.serialize_keras_object(self.weight_decay_schedule),
+            "weight_decay_schedule": keras.saving.serialize_keras_object(
+                self.weight_decay_schedule
+            ),
             "clip_grad": self.clip_grad,
             "freeze_last_layer_steps": self.freeze_last_layer_steps,
         }
@@ -155,5 +173,6 @@ class DinoOptimizer(keras.optimizers.Optimizer):
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
         config["weight_decay_schedule"] = keras.saving.deserialize_keras_object(
-            config["weight_decay_schedule"], custom_objects=custom_objects)
+            config["weight_decay_schedule"], custom_objects=custom_objects
+        )
         return super().from_config(config, custom_objects=custom_objects)

@@ -30,9 +30,18 @@ class DinoTrainer(keras.Model):
         warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs: the temperature schedule.
     """
 
-    def __init__(self, student, teacher, dino_loss: DinoLoss, *, steps_per_epoch: int,
-                 warmup_teacher_temp: float, teacher_temp: float,
-                 warmup_teacher_temp_epochs: int, **kwargs):
+    def __init__(
+        self,
+        student,
+        teacher,
+        dino_loss: DinoLoss,
+        *,
+        steps_per_epoch: int,
+        warmup_teacher_temp: float,
+        teacher_temp: float,
+        warmup_teacher_temp_epochs: int,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.student = student
         self.teacher = teacher
@@ -55,9 +64,11 @@ class DinoTrainer(keras.Model):
 
     def current_teacher_temperature(self, step):
         return teacher_temperature(
-            step // self.steps_per_epoch, warmup_teacher_temp=self.warmup_teacher_temp,
+            step // self.steps_per_epoch,
+            warmup_teacher_temp=self.warmup_teacher_temp,
             teacher_temp=self.teacher_temp,
-            warmup_teacher_temp_epochs=self.warmup_teacher_temp_epochs)
+            warmup_teacher_temp_epochs=self.warmup_teacher_temp_epochs,
+        )
 
     def call(self, crops, training=False):
         return self.student(crops, training=training)
@@ -75,7 +86,8 @@ class DinoTrainer(keras.Model):
         if self.teacher_updater is None:
             raise RuntimeError(
                 "DinoTrainer.fit needs the TeacherMomentum callback "
-                "(dino_keras.callbacks.TeacherMomentum) to update the teacher.")
+                "(dino_keras.callbacks.TeacherMomentum) to update the teacher."
+            )
         step = tf.identity(self.optimizer.iterations)
         variables = self.student.trainable_variables
         with tf.GradientTape() as tape:

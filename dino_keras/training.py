@@ -37,34 +37,48 @@ def build_strategy(config: TrainConfig) -> tf.distribute.Strategy:
 
 def resolve_sources(config: TrainConfig) -> tuple[ImageSource, ImageSource | None]:
     """Training source and the labelled evaluation source (None: no k-NN possible)."""
-    train = resolve_source(config.data_path, "train", tfds_data_dir=config.tfds_data_dir or None,
-                           limit_images=config.limit_images or None)
+    train = resolve_source(
+        config.data_path,
+        "train",
+        tfds_data_dir=config.tfds_data_dir or None,
+        limit_images=config.limit_images or None,
+    )
     eval_path = config.eval_data_path or config.data_path
     flag = "--eval_data_path" if config.eval_data_path else "--data_path"
-    evaluation = resolve_source(eval_path, "test", tfds_data_dir=config.tfds_data_dir or None,
-                                flag_name=flag)
+    evaluation = resolve_source(
+        eval_path, "test", tfds_data_dir=config.tfds_data_dir or None, flag_name=flag
+    )
     if not train.num_classes or not evaluation.num_classes:
-        log.warning("k-NN evaluation disabled: %s has no labels",
-                    train.name if not train.num_classes else evaluation.name)
+        log.warning(
+            "k-NN evaluation disabled: %s has no labels",
+            train.name if not train.num_classes else evaluation.name,
+        )
         return train, None
     if evaluation.name == train.name:
-        log.warning("k-NN evaluation disabled: %s has no separate test split; pass "
-                    "--eval_data_path", config.data_path)
+        log.warning(
+            "k-NN evaluation disabled: %s has no separate test split; pass --eval_data_path",
+            config.data_path,
+        )
         return train, None
     return train, evaluation
 
 
 def build_lr_schedule(config: TrainConfig, global_batch: int, steps: int) -> CosineSchedule:
-    return CosineSchedule(config.lr * global_batch / 256.0, config.min_lr, config.epochs * steps,
-                          warmup_steps=config.warmup_epochs * steps)
+    return CosineSchedule(
+        config.lr * global_batch / 256.0,
+        config.min_lr,
+        config.epochs * steps,
+        warmup_steps=config.warmup_epochs * steps,
+    )
 
 
 def build_optimizer(config: TrainConfig, global_batch: int, steps: int):
     optimizer = DinoOptimizer(
         kind=config.optimizer,
         learning_rate=build_lr_schedule(config, global_batch, steps),
-        weight_decay_schedule=CosineSchedule(config.weight_decay, config.weight_decay_end,
-                                             config.epochs * steps),
+        weight_decay_schedule=CosineSchedule(
+            config.weight_decay, config.weight_decay_end, config.epochs * steps
+        ),
         clip_grad=config.clip_grad,
         freeze_last_layer_steps=config.freeze_last_layer * steps,
     )
@@ -78,12 +92,20 @@ def build_trainer(config: TrainConfig, steps: int, global_batch: int, synchroniz
     student, teacher = build_student_and_teacher(config, synchronized_bn=synchronized_bn)
     dino_loss = DinoLoss(config.out_dim, num_student_crops=2 + config.local_crops_number)
     trainer = DinoTrainer(
-        student, teacher, dino_loss, steps_per_epoch=steps,
-        warmup_teacher_temp=config.warmup_teacher_temp, teacher_temp=config.teacher_temp,
-        warmup_teacher_temp_epochs=config.warmup_teacher_temp_epochs)
+        student,
+        teacher,
+        dino_loss,
+        steps_per_epoch=steps,
+        warmup_teacher_temp=config.warmup_teacher_temp,
+        teacher_temp=config.teacher_temp,
+        warmup_teacher_temp_epochs=config.warmup_teacher_temp_epochs,
+    )
     optimizer = build_optimizer(config, global_batch, steps)
-    trainer.compile(optimizer=optimizer, jit_compile=config.jit_compile,
-                    steps_per_execution=config.steps_per_execution)
+    trainer.compile(
+        optimizer=optimizer,
+        jit_compile=config.jit_compile,
+        steps_per_execution=config.steps_per_execution,
+    )
     optimizer.build(student.trainable_variables)
     return trainer
 
@@ -99,15 +121,23 @@ def run_training(config: TrainConfig) -> dict:
     strategy = build_strategy(config)
     global_batch = config.batch_size_per_gpu * strategy.num_replicas_in_sync
     steps = steps_per_epoch(train_source.num_examples, global_batch)
-    print(f"Training on {train_source.name}: {train_source.num_examples} images, "
-          f"{steps} steps of {global_batch} per epoch, {config.epochs} epochs", flush=True)
+    print(
+        f"Training on {train_source.name}: {train_source.num_examples} images, "
+        f"{steps} steps of {global_batch} per epoch, {config.epochs} epochs",
+        flush=True,
+    )
 
     with strategy.scope():
-        trainer = build_trainer(config, steps, global_batch,
-                                synchronized_bn=strategy.num_replicas_in_sync > 1)
-        checkpoint = TrainingCheckpoint(config.checkpoint_dir, student=trainer.student,
-                                        teacher=trainer.teacher, optimizer=trainer.optimizer,
-                                        center=trainer.center)
+        trainer = build_trainer(
+            config, steps, global_batch, synchronized_bn=strategy.num_replicas_in_sync > 1
+        )
+        checkpoint = TrainingCheckpoint(
+            config.checkpoint_dir,
+            student=trainer.student,
+            teacher=trainer.teacher,
+            optimizer=trainer.optimizer,
+            center=trainer.center,
+        )
         initial_epoch = checkpoint.restore_latest()
     if initial_epoch:
         print(f"Resuming from {checkpoint.latest_path} (epoch {initial_epoch})", flush=True)
@@ -116,24 +146,38 @@ def run_training(config: TrainConfig) -> dict:
     knn = None
     if eval_source is not None:
         evaluator = KnnEvaluator(
-            build_eval_dataset(train_source, image_size=config.global_crops_size,
-                               batch_size=config.eval_batch_size),
-            build_eval_dataset(eval_source, image_size=config.global_crops_size,
-                               batch_size=config.eval_batch_size),
+            build_eval_dataset(
+                train_source, image_size=config.global_crops_size, batch_size=config.eval_batch_size
+            ),
+            build_eval_dataset(
+                eval_source, image_size=config.global_crops_size, batch_size=config.eval_batch_size
+            ),
             num_classes=max(train_source.num_classes, eval_source.num_classes),
-            k=config.knn_k, temperature=config.knn_temperature)
-        knn = cbs.KnnEvaluation(evaluator, run_log, config.eval_every, config.epochs, config.knn_k,
-                                initial_epoch=initial_epoch)
+            k=config.knn_k,
+            temperature=config.knn_temperature,
+        )
+        knn = cbs.KnnEvaluation(
+            evaluator,
+            run_log,
+            config.eval_every,
+            config.epochs,
+            config.knn_k,
+            initial_epoch=initial_epoch,
+        )
 
     start = time.time()
     if initial_epoch < config.epochs:
         dataset = build_multicrop_dataset(
-            train_source, global_crops_size=config.global_crops_size,
+            train_source,
+            global_crops_size=config.global_crops_size,
             local_crops_size=config.local_crops_size,
             global_crops_scale=config.global_crops_scale,
             local_crops_scale=config.local_crops_scale,
             local_crops_number=config.local_crops_number,
-            batch_size=global_batch, seed=config.seed, start_epoch=initial_epoch)
+            batch_size=global_batch,
+            seed=config.seed,
+            start_epoch=initial_epoch,
+        )
         callbacks = [
             cbs.TeacherMomentum(config.momentum_teacher, config.epochs * steps),
             cbs.StopOnNonFiniteLoss(steps, config.checkpoint_dir),
@@ -141,15 +185,22 @@ def run_training(config: TrainConfig) -> dict:
             cbs.EpochLog(run_log),
             cbs.SaveCheckpoints(checkpoint, config.saveckp_freq),
         ]
-        trainer.fit(dataset, epochs=config.epochs, initial_epoch=initial_epoch,
-                    steps_per_epoch=steps, callbacks=callbacks, verbose=config.verbose)
+        trainer.fit(
+            dataset,
+            epochs=config.epochs,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=steps,
+            callbacks=callbacks,
+            verbose=config.verbose,
+        )
     else:
         print(f"Training already complete ({initial_epoch} epochs in {config.checkpoint_dir})")
     return write_summary(config, run_log, checkpoint, time.time() - start)
 
 
-def write_summary(config: TrainConfig, run_log: cbs.RunLog, checkpoint: TrainingCheckpoint,
-                  seconds: float) -> dict:
+def write_summary(
+    config: TrainConfig, run_log: cbs.RunLog, checkpoint: TrainingCheckpoint, seconds: float
+) -> dict:
     records = run_log.records()
     knn_records = [r for r in records if "knn_top1" in r]
     trained = [r for r in records if "loss" in r]
@@ -157,7 +208,9 @@ def write_summary(config: TrainConfig, run_log: cbs.RunLog, checkpoint: Training
         "epochs_completed": int(checkpoint.epoch.numpy()),
         "final_loss": trained[-1]["loss"] if trained else None,
         "knn_k": config.knn_k,
-        "knn_top1_initial": knn_records[0]["knn_top1"] if knn_records and knn_records[0]["epoch"] == 0 else None,
+        "knn_top1_initial": knn_records[0]["knn_top1"]
+        if knn_records and knn_records[0]["epoch"] == 0
+        else None,
         "knn_top1_final": knn_records[-1]["knn_top1"] if knn_records else None,
         "knn_top5_final": knn_records[-1]["knn_top5"] if knn_records else None,
         "training_seconds_this_run": round(seconds, 1),

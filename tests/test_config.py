@@ -16,37 +16,54 @@ def parse(*argv):
 def test_defaults_are_the_reference_values():
     config = parse()
     assert (config.arch, config.patch_size, config.out_dim) == ("vit_small", 16, 65536)
-    assert (config.lr, config.min_lr, config.warmup_epochs, config.epochs) == (0.0005, 1e-6, 10, 100)
+    assert (config.lr, config.min_lr, config.warmup_epochs, config.epochs) == (
+        0.0005,
+        1e-6,
+        10,
+        100,
+    )
     assert (config.weight_decay, config.weight_decay_end, config.clip_grad) == (0.04, 0.4, 3.0)
     assert config.global_crops_scale == (0.4, 1.0) and config.local_crops_scale == (0.05, 0.4)
-    assert (config.local_crops_number, config.momentum_teacher, config.freeze_last_layer) == (8, 0.996, 1)
+    assert (config.local_crops_number, config.momentum_teacher, config.freeze_last_layer) == (
+        8,
+        0.996,
+        1,
+    )
     assert config.vit_dims == (384, 12, 6)
 
 
 def test_flag_values_and_lists_are_typed():
-    config = parse("--arch=vit_base", "--global_crops_scale=0.5,1", "--norm_last_layer=false",
-                   "--embed_dim=96", "--num_heads=3")
+    config = parse(
+        "--arch=vit_base",
+        "--global_crops_scale=0.5,1",
+        "--norm_last_layer=false",
+        "--embed_dim=96",
+        "--num_heads=3",
+    )
     assert config.global_crops_scale == (0.5, 1.0)
     assert config.norm_last_layer is False
     assert config.vit_dims == (96, 12, 3)
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["--arch=vit_huge"], "--arch"),
-    (["--optimizer=adam"], "--optimizer"),
-    (["--local_crops_scale=0.05,0.5"], "--local_crops_scale"),
-    (["--global_crops_scale=0,1"], "--global_crops_scale"),
-    (["--global_crops_scale=0.4"], "--global_crops_scale"),
-    (["--global_crops_scale=a,b"], "--global_crops_scale"),
-    (["--global_crops_size=100"], "--global_crops_size"),
-    (["--local_crops_size=90"], "--local_crops_size"),
-    (["--batch_size_per_gpu=0"], "--batch_size_per_gpu"),
-    (["--warmup_epochs=200"], "--warmup_epochs"),
-    (["--use_fp16", "--precision=mixed_bfloat16"], "--use_fp16"),
-    (["--momentum_teacher=1.5"], "--momentum_teacher"),
-    (["--embed_dim=100", "--num_heads=3"], "--num_heads"),
-    (["--data_path="], "--data_path"),
-])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--arch=vit_huge"], "--arch"),
+        (["--optimizer=adam"], "--optimizer"),
+        (["--local_crops_scale=0.05,0.5"], "--local_crops_scale"),
+        (["--global_crops_scale=0,1"], "--global_crops_scale"),
+        (["--global_crops_scale=0.4"], "--global_crops_scale"),
+        (["--global_crops_scale=a,b"], "--global_crops_scale"),
+        (["--global_crops_size=100"], "--global_crops_size"),
+        (["--local_crops_size=90"], "--local_crops_size"),
+        (["--batch_size_per_gpu=0"], "--batch_size_per_gpu"),
+        (["--warmup_epochs=200"], "--warmup_epochs"),
+        (["--use_fp16", "--precision=mixed_bfloat16"], "--use_fp16"),
+        (["--momentum_teacher=1.5"], "--momentum_teacher"),
+        (["--embed_dim=100", "--num_heads=3"], "--num_heads"),
+        (["--data_path="], "--data_path"),
+    ],
+)
 def test_invalid_values_name_the_flag(argv, flag):
     with pytest.raises(ConfigError, match=f"^{flag}"):
         parse(*argv)
@@ -62,3 +79,24 @@ def test_to_json_round_trips_fields():
 
     config = TrainConfig()
     assert json.loads(config.to_json())["arch"] == "vit_small"
+
+
+def test_every_recipe_in_configs_parses_and_validates(monkeypatch):
+    import glob
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.chdir(root)  # nested --flagfile paths are relative to the project root
+    recipes = sorted(glob.glob("configs/*.cfg"))
+    assert len(recipes) >= 6
+    for recipe in recipes:
+        assert open(recipe).readline().startswith("#"), f"{recipe} lacks its header comment"
+        assert parse(f"--flagfile={recipe}").epochs > 0
+    resnet = parse("--flagfile=configs/resnet50.cfg")
+    boosted = parse("--flagfile=configs/vit_small_300ep_boosted.cfg")
+    assert (resnet.optimizer, resnet.lr, resnet.local_crops_scale) == ("sgd", 0.03, (0.05, 0.14))
+    assert (boosted.teacher_temp, boosted.warmup_teacher_temp_epochs, boosted.norm_last_layer) == (
+        0.07,
+        30,
+        False,
+    )

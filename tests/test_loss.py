@@ -47,8 +47,12 @@ def test_identical_crops_give_zero_kl_only_when_temperatures_agree():
     logits = np.random.default_rng(1).normal(size=(2, 6)).astype(np.float32)
     student = np.concatenate([logits, logits])  # 2 crops, batch 1: crop0 == crop1
     teacher = student.copy()
-    _, same_temp = compiled_dino_cross_entropy(student, teacher, np.zeros((1, 6), np.float32), 0.1, 2)
-    _, sharper = compiled_dino_cross_entropy(student, teacher, np.zeros((1, 6), np.float32), 0.04, 2)
+    _, same_temp = compiled_dino_cross_entropy(
+        student, teacher, np.zeros((1, 6), np.float32), 0.1, 2
+    )
+    _, sharper = compiled_dino_cross_entropy(
+        student, teacher, np.zeros((1, 6), np.float32), 0.04, 2
+    )
     assert abs(float(same_temp["kl_teacher_student"])) < 1e-5
     assert float(sharper["kl_teacher_student"]) > 1e-3
 
@@ -60,22 +64,26 @@ def test_center_update_is_ema_of_batch_mean_after_loss():
     loss.center.assign(np.ones((1, 4), np.float32))
     value_before, _ = loss(student, teacher, 0.04)
     loss.update_center(tf.constant(teacher))
-    np.testing.assert_allclose(loss.center.numpy(), 0.9 * 1.0 + 0.1 * teacher.mean(0, keepdims=True),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        loss.center.numpy(), 0.9 * 1.0 + 0.1 * teacher.mean(0, keepdims=True), rtol=1e-6
+    )
     # The loss used the old centre: recomputing with the new one differs.
     value_after, _ = loss(student, teacher, 0.04)
     assert float(value_before) == pytest.approx(
-        numpy_dino_loss(student, teacher, np.ones((1, 4)), 0.04, 2)[0], rel=1e-5)
+        numpy_dino_loss(student, teacher, np.ones((1, 4)), 0.04, 2)[0], rel=1e-5
+    )
     assert float(value_after) != pytest.approx(float(value_before))
 
 
 def test_collapse_monitors_detect_uniform_and_one_hot_teachers():
     k = 8
     uniform_teacher = np.zeros((4, k), np.float32)  # every image: uniform distribution
-    _, uniform = compiled_dino_cross_entropy(np.zeros((4, k), np.float32), uniform_teacher,
-                                             np.zeros((1, k), np.float32), 0.04, 2)
+    _, uniform = compiled_dino_cross_entropy(
+        np.zeros((4, k), np.float32), uniform_teacher, np.zeros((1, k), np.float32), 0.04, 2
+    )
     assert float(uniform["teacher_entropy"]) == pytest.approx(np.log(k), rel=1e-5)
     one_hot_teacher = np.tile(np.eye(k, dtype=np.float32)[:1] * 50, (4, 1))  # all on prototype 0
-    _, collapsed = compiled_dino_cross_entropy(np.zeros((4, k), np.float32), one_hot_teacher,
-                                               np.zeros((1, k), np.float32), 0.04, 2)
+    _, collapsed = compiled_dino_cross_entropy(
+        np.zeros((4, k), np.float32), one_hot_teacher, np.zeros((1, k), np.float32), 0.04, 2
+    )
     assert float(collapsed["teacher_batch_entropy"]) < 1e-3

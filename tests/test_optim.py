@@ -48,8 +48,12 @@ def test_adamw_matches_pytorch_formula_with_decay_only_on_matrices():
     grads = [np.full(v.shape, 0.01 * (i + 1), np.float32) for i, v in enumerate(variables)]
     for _ in range(3):
         optimizer.apply([tf.constant(g) for g in grads], variables)
-    np.testing.assert_allclose(variables[0].numpy(), numpy_adamw(np.full((2, 3), 0.5), [grads[0]] * 3, 0.1, 0.5), rtol=2e-6)
-    np.testing.assert_allclose(variables[1].numpy(), numpy_adamw(np.full(3, 0.5), [grads[1]] * 3, 0.1, 0.0), rtol=1e-5)
+    np.testing.assert_allclose(
+        variables[0].numpy(), numpy_adamw(np.full((2, 3), 0.5), [grads[0]] * 3, 0.1, 0.5), rtol=2e-6
+    )
+    np.testing.assert_allclose(
+        variables[1].numpy(), numpy_adamw(np.full(3, 0.5), [grads[1]] * 3, 0.1, 0.0), rtol=1e-5
+    )
 
 
 def test_sgd_adds_decay_to_gradient_and_uses_momentum():
@@ -82,8 +86,8 @@ def test_lars_trust_ratio_on_matrices_only():
 def test_per_tensor_clipping_scales_each_gradient_by_its_own_norm():
     variables = make_variables()
     optimizer = constant_optimizer("sgd", lr=1.0, wd=0.0, clip_grad=1.0)
-    big = np.full((2, 3), 3.0, np.float32)       # norm 7.35 -> clipped to norm 1
-    small = np.full((3,), 0.1, np.float32)       # norm 0.17 -> untouched
+    big = np.full((2, 3), 3.0, np.float32)  # norm 7.35 -> clipped to norm 1
+    small = np.full((3,), 0.1, np.float32)  # norm 0.17 -> untouched
     optimizer.apply([tf.constant(big), tf.constant(small), tf.zeros(3)], variables)
     step = 0.5 - variables[0].numpy()
     assert np.linalg.norm(step) == pytest.approx(1.0 / (1.0 + 1e-6 / np.linalg.norm(big)), rel=1e-5)
@@ -105,4 +109,6 @@ def test_last_layer_frozen_then_updated_with_its_own_step_count():
     assert not np.allclose(other.numpy(), 0.5)
     optimizer.apply([g, g], [last, other])
     # First real step for the last layer: bias correction of step 1, not step 3.
-    np.testing.assert_allclose(last.numpy(), numpy_adamw(np.full((2, 2), 0.5), [0.3], 0.1, 0.1), rtol=1e-5)
+    np.testing.assert_allclose(
+        last.numpy(), numpy_adamw(np.full((2, 2), 0.5), [0.3], 0.1, 0.1), rtol=1e-5
+    )

@@ -40,9 +40,18 @@ def test_schedule_past_the_end_reads_last_entry():
 @pytest.mark.parametrize("warmup_epochs", [0, 1, 30])
 def test_teacher_temperature_matches_reference_table(warmup_epochs):
     epochs = 100
-    table = np.concatenate((np.linspace(0.04, 0.07, warmup_epochs),
-                            np.ones(epochs - warmup_epochs) * 0.07))
-    values = [float(teacher_temperature(e, warmup_teacher_temp=0.04, teacher_temp=0.07,
-                                        warmup_teacher_temp_epochs=warmup_epochs))
-              for e in range(epochs)]
+    table = np.concatenate(
+        (np.linspace(0.04, 0.07, warmup_epochs), np.ones(epochs - warmup_epochs) * 0.07)
+    )
+    values = [
+        float(
+            teacher_temperature(
+                e,
+                warmup_teacher_temp=0.04,
+                teacher_temp=0.07,
+                warmup_teacher_temp_epochs=warmup_epochs,
+            )
+        )
+        for e in range(epochs)
+    ]
     np.testing.assert_allclose(values, table, rtol=1e-12)

@@ -19,8 +19,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_config(tmp_path, **overrides):
-    values = dict(data_path="fashion_mnist", limit_images=64, batch_size_per_gpu=16, epochs=2,
-                  eval_every=0, output_dir=str(tmp_path / "run"), eval_batch_size=512)
+    values = dict(
+        data_path="fashion_mnist",
+        limit_images=64,
+        batch_size_per_gpu=16,
+        epochs=2,
+        eval_every=0,
+        output_dir=str(tmp_path / "run"),
+        eval_batch_size=512,
+    )
     values.update(overrides)
     return tiny_config(**values)
 
@@ -29,8 +36,11 @@ def final_weights(output_dir):
     import tensorflow as tf
 
     reader = tf.train.load_checkpoint(os.path.join(output_dir, "checkpoints"))
-    names = sorted(n for n in reader.get_variable_to_shape_map()
-                   if n.startswith(("student", "teacher", "center")) and "OPTIMIZER" not in n)
+    names = sorted(
+        n
+        for n in reader.get_variable_to_shape_map()
+        if n.startswith(("student", "teacher", "center")) and "OPTIMIZER" not in n
+    )
     return {n: reader.get_tensor(n) for n in names}
 
 
@@ -42,8 +52,17 @@ def test_run_writes_log_summary_checkpoints_and_resumes_identically(tmp_path, mo
     records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert [r["epoch"] for r in records] == [0, 1, 2]
     assert "knn_top1" in records[0] and "knn_top1" in records[-1]
-    for key in ("loss", "lr", "wd", "momentum", "teacher_temp", "teacher_entropy",
-                "teacher_batch_entropy", "kl_teacher_student", "center_norm"):
+    for key in (
+        "loss",
+        "lr",
+        "wd",
+        "momentum",
+        "teacher_temp",
+        "teacher_entropy",
+        "teacher_batch_entropy",
+        "kl_teacher_student",
+        "center_norm",
+    ):
         assert key in records[1], key
     assert summary["epochs_completed"] == 2 and summary["knn_top1_initial"] is not None
     assert json.load(open(os.path.join(out, "summary.json")))["epochs_completed"] == 2
@@ -102,11 +121,14 @@ def test_image_folder_with_non_image_and_corrupt_files_trains(tmp_path):
     for label in ("a", "b"):
         (folder / label).mkdir(parents=True)
         for i in range(10):
-            Image.fromarray(rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)).save(folder / label / f"{i}.png")
+            Image.fromarray(rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)).save(
+                folder / label / f"{i}.png"
+            )
     (folder / "a" / "notes.txt").write_text("not an image")
     (folder / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    config = run_config(tmp_path, data_path=str(folder), limit_images=0, batch_size_per_gpu=8,
-                        epochs=1)
+    config = run_config(
+        tmp_path, data_path=str(folder), limit_images=0, batch_size_per_gpu=8, epochs=1
+    )
     summary = run_training(config)
     assert summary["epochs_completed"] == 1
     assert summary["knn_top1_final"] is None  # no separate test split: k-NN disabled
@@ -114,8 +136,16 @@ def test_image_folder_with_non_image_and_corrupt_files_trains(tmp_path):
 
 def test_script_reports_bad_flag_and_exits_nonzero(tmp_path):
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--arch=vit_huge",
-         f"--output_dir={tmp_path}/run"], capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            os.path.join(ROOT, "scripts", "train.py"),
+            "--arch=vit_huge",
+            f"--output_dir={tmp_path}/run",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0
     assert "--arch" in result.stderr and "vit_huge" in result.stderr
     assert not os.path.exists(tmp_path / "run")

@@ -24,8 +24,17 @@ def extract_features(backbone, dataset) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(features), np.concatenate(labels).astype(np.int64)
 
 
-def weighted_knn(train_features, train_labels, test_features, test_labels, *, k: int,
-                 temperature: float, num_classes: int, chunk_size: int = 1024) -> dict:
+def weighted_knn(
+    train_features,
+    train_labels,
+    test_features,
+    test_labels,
+    *,
+    k: int,
+    temperature: float,
+    num_classes: int,
+    chunk_size: int = 1024,
+) -> dict:
     """Top-1 / top-5 accuracy (percent) of the exp(similarity / T)-weighted k-NN vote.
 
     Features must be L2-normalised (similarity is the dot product). Ties in the class scores go
@@ -36,8 +45,8 @@ def weighted_knn(train_features, train_labels, test_features, test_labels, *, k:
     train_labels = tf.constant(train_labels, tf.int64)
     top1 = top5 = 0
     for start in range(0, len(test_labels), chunk_size):
-        queries = tf.constant(test_features[start:start + chunk_size], tf.float32)
-        targets = tf.constant(test_labels[start:start + chunk_size], tf.int64)
+        queries = tf.constant(test_features[start : start + chunk_size], tf.float32)
+        targets = tf.constant(test_labels[start : start + chunk_size], tf.int64)
         similarity = tf.matmul(queries, train, transpose_b=True)
         distances, indices = tf.math.top_k(similarity, k=k, sorted=True)
         neighbours = tf.one_hot(tf.gather(train_labels, indices), num_classes)  # [q, k, C]
@@ -45,7 +54,9 @@ def weighted_knn(train_features, train_labels, test_features, test_labels, *, k:
         _, predictions = tf.math.top_k(votes, k=min(5, num_classes))
         correct = tf.equal(tf.cast(predictions, tf.int64), targets[:, None])
         top1 += int(tf.reduce_sum(tf.cast(correct[:, 0], tf.int32)))
-        top5 += int(tf.reduce_sum(tf.cast(tf.reduce_any(correct[:, :min(5, k)], axis=1), tf.int32)))
+        top5 += int(
+            tf.reduce_sum(tf.cast(tf.reduce_any(correct[:, : min(5, k)], axis=1), tf.int32))
+        )
     total = len(test_labels)
     return {"top1": 100.0 * top1 / total, "top5": 100.0 * top5 / total}
 
@@ -63,5 +74,12 @@ class KnnEvaluator:
     def __call__(self, backbone) -> dict:
         train_features, train_labels = extract_features(backbone, self.train_dataset)
         test_features, test_labels = extract_features(backbone, self.test_dataset)
-        return weighted_knn(train_features, train_labels, test_features, test_labels, k=self.k,
-                            temperature=self.temperature, num_classes=self.num_classes)
+        return weighted_knn(
+            train_features,
+            train_labels,
+            test_features,
+            test_labels,
+            k=self.k,
+            temperature=self.temperature,
+            num_classes=self.num_classes,
+        )

@@ -29,13 +29,18 @@ class WeightNormDense(keras.layers.Layer):
         limit = in_dim**-0.5
         self.kernel_v = self.add_weight(
             shape=(in_dim, self.units),
-            initializer=keras.initializers.RandomUniform(-limit, limit), name="kernel_v")
-        self.gain = self.add_weight(shape=(1, self.units), initializer="ones", name="gain",
-                                    trainable=self.trainable_gain)
+            initializer=keras.initializers.RandomUniform(-limit, limit),
+            name="kernel_v",
+        )
+        self.gain = self.add_weight(
+            shape=(1, self.units), initializer="ones", name="gain", trainable=self.trainable_gain
+        )
 
     def call(self, x):
         v = ops.cast(self.kernel_v, "float32")
-        kernel = ops.cast(self.gain, "float32") * v / ops.sqrt(ops.sum(v * v, axis=0, keepdims=True))
+        kernel = (
+            ops.cast(self.gain, "float32") * v / ops.sqrt(ops.sum(v * v, axis=0, keepdims=True))
+        )
         return ops.matmul(x, ops.cast(kernel, x.dtype))
 
     def get_config(self):
@@ -46,9 +51,17 @@ class WeightNormDense(keras.layers.Layer):
 class DinoHead(keras.layers.Layer):
     """Linear-GELU x (nlayers - 1), Linear to the bottleneck, L2-normalise, prototypes."""
 
-    def __init__(self, out_dim: int, use_bn: bool = False, norm_last_layer: bool = True,
-                 nlayers: int = 3, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 synchronized_bn: bool = False, **kwargs):
+    def __init__(
+        self,
+        out_dim: int,
+        use_bn: bool = False,
+        norm_last_layer: bool = True,
+        nlayers: int = 3,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        synchronized_bn: bool = False,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.out_dim = out_dim
         self.use_bn = use_bn
@@ -59,17 +72,30 @@ class DinoHead(keras.layers.Layer):
         self.synchronized_bn = synchronized_bn
         init = dict(kernel_initializer=_trunc_normal(), bias_initializer="zeros")
         self.mlp_layers = []
-        for i in range(self.nlayers - 1):
-            self.mlp_layers.append(keras.layers.Dense(hidden_dim, name=f"mlp_{len(self.mlp_layers)}", **init))
+        for _ in range(self.nlayers - 1):
+            self.mlp_layers.append(
+                keras.layers.Dense(hidden_dim, name=f"mlp_{len(self.mlp_layers)}", **init)
+            )
             if use_bn:
                 # PyTorch BatchNorm1d defaults: momentum 0.1 (Keras 0.9), epsilon 1e-5.
-                self.mlp_layers.append(keras.layers.BatchNormalization(
-                    momentum=0.9, epsilon=1e-5, synchronized=synchronized_bn,
-                    name=f"mlp_{len(self.mlp_layers)}"))
+                self.mlp_layers.append(
+                    keras.layers.BatchNormalization(
+                        momentum=0.9,
+                        epsilon=1e-5,
+                        synchronized=synchronized_bn,
+                        name=f"mlp_{len(self.mlp_layers)}",
+                    )
+                )
             # Keras' "gelu" is the exact (erf) form, as torch.nn.GELU.
-            self.mlp_layers.append(keras.layers.Activation("gelu", name=f"mlp_{len(self.mlp_layers)}"))
-        self.mlp_layers.append(keras.layers.Dense(bottleneck_dim, name=f"mlp_{len(self.mlp_layers)}", **init))
-        self.last_layer = WeightNormDense(out_dim, trainable_gain=not norm_last_layer, name="last_layer")
+            self.mlp_layers.append(
+                keras.layers.Activation("gelu", name=f"mlp_{len(self.mlp_layers)}")
+            )
+        self.mlp_layers.append(
+            keras.layers.Dense(bottleneck_dim, name=f"mlp_{len(self.mlp_layers)}", **init)
+        )
+        self.last_layer = WeightNormDense(
+            out_dim, trainable_gain=not norm_last_layer, name="last_layer"
+        )
 
     def build(self, input_shape):
         shape = tuple(input_shape)
@@ -80,7 +106,11 @@ class DinoHead(keras.layers.Layer):
 
     def call(self, x, training=False):
         for layer in self.mlp_layers:
-            x = layer(x, training=training) if isinstance(layer, keras.layers.BatchNormalization) else layer(x)
+            x = (
+                layer(x, training=training)
+                if isinstance(layer, keras.layers.BatchNormalization)
+                else layer(x)
+            )
         # torch.nn.functional.normalize: x / max(||x||, 1e-12).
         x32 = ops.cast(x, "float32")
         norm = ops.sqrt(ops.sum(x32 * x32, axis=-1, keepdims=True))
@@ -88,7 +118,13 @@ class DinoHead(keras.layers.Layer):
         return self.last_layer(x)
 
     def get_config(self):
-        return {**super().get_config(), "out_dim": self.out_dim, "use_bn": self.use_bn,
-                "norm_last_layer": self.norm_last_layer, "nlayers": self.nlayers,
-                "hidden_dim": self.hidden_dim, "bottleneck_dim": self.bottleneck_dim,
-                "synchronized_bn": self.synchronized_bn}
+        return {
+            **super().get_config(),
+            "out_dim": self.out_dim,
+            "use_bn": self.use_bn,
+            "norm_last_layer": self.norm_last_layer,
+            "nlayers": self.nlayers,
+            "hidden_dim": self.hidden_dim,
+            "bottleneck_dim": self.bottleneck_dim,
+            "synchronized_bn": self.synchronized_bn,
+        }

@@ -18,13 +18,22 @@ _CONV_INIT = keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_nor
 
 
 def _conv(filters, kernel, stride, name):
-    return layers.Conv2D(filters, kernel, strides=stride, padding="valid", use_bias=False,
-                         kernel_initializer=_CONV_INIT, name=name)
+    return layers.Conv2D(
+        filters,
+        kernel,
+        strides=stride,
+        padding="valid",
+        use_bias=False,
+        kernel_initializer=_CONV_INIT,
+        name=name,
+    )
 
 
 def _bn(name, synchronized):
     # PyTorch BatchNorm2d defaults: momentum 0.1 (Keras 0.9), epsilon 1e-5.
-    return layers.BatchNormalization(momentum=0.9, epsilon=1e-5, synchronized=synchronized, name=name)
+    return layers.BatchNormalization(
+        momentum=0.9, epsilon=1e-5, synchronized=synchronized, name=name
+    )
 
 
 def _bottleneck(x, filters, stride, downsample, name, synchronized):
@@ -51,10 +60,17 @@ def resnet50(synchronized_bn: bool = False, name: str = "resnet50") -> keras.Mod
     # Zero padding equals torchvision's -inf padding here: the input is >= 0 after the ReLU.
     x = layers.MaxPooling2D(3, strides=2)(layers.ZeroPadding2D(1)(x))
     for stage, (filters, blocks, stride) in enumerate(
-            [(64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)], start=1):
+        [(64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)], start=1
+    ):
         for block in range(blocks):
-            x = _bottleneck(x, filters, stride if block == 0 else 1, block == 0,
-                            f"layer{stage}_{block}", synchronized_bn)
+            x = _bottleneck(
+                x,
+                filters,
+                stride if block == 0 else 1,
+                block == 0,
+                f"layer{stage}_{block}",
+                synchronized_bn,
+            )
     features = layers.GlobalAveragePooling2D()(x)
     model = keras.Model(images, features, name=name)
     model.num_features = 2048

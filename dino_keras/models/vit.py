@@ -12,7 +12,10 @@ import keras
 import numpy as np
 from keras import ops
 
-from dino_keras.models.position_embedding import position_grid_resize_matrices
+from dino_keras.models.position_embedding import (
+    interpolate_position_embedding_tf,
+    position_grid_resize_matrices,
+)
 
 LAYER_NORM_EPSILON = 1e-6
 
@@ -38,7 +41,9 @@ class DropPath(keras.layers.Layer):
             return x
         keep = 1.0 - self.rate
         shape = (ops.shape(x)[0],) + (1,) * (len(x.shape) - 1)
-        mask = ops.floor(keep + keras.random.uniform(shape, seed=self.seed_generator, dtype=x.dtype))
+        mask = ops.floor(
+            keep + keras.random.uniform(shape, seed=self.seed_generator, dtype=x.dtype)
+        )
         return x / keep * mask
 
     def get_config(self):
@@ -77,16 +82,28 @@ class Attention(keras.layers.Layer):
         return (out, attn) if return_attention else out
 
     def get_config(self):
-        return {**super().get_config(), "dim": self.dim, "num_heads": self.num_heads,
-                "qkv_bias": self.qkv_bias}
+        return {
+            **super().get_config(),
+            "dim": self.dim,
+            "num_heads": self.num_heads,
+            "qkv_bias": self.qkv_bias,
+        }
 
 
 @keras.saving.register_keras_serializable("dino_keras")
 class TransformerBlock(keras.layers.Layer):
     """Pre-norm block: x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x)))."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop_path_rate: float = 0.0, seed: int | None = None, **kwargs):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        seed: int | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.dim = dim
         self.num_heads = num_heads
@@ -118,9 +135,15 @@ class TransformerBlock(keras.layers.Layer):
         return (x, attn) if return_attention else x
 
     def get_config(self):
-        return {**super().get_config(), "dim": self.dim, "num_heads": self.num_heads,
-                "mlp_ratio": self.mlp_ratio, "qkv_bias": self.qkv_bias,
-                "drop_path_rate": self.drop_path_rate, "seed": self.seed}
+        return {
+            **super().get_config(),
+            "dim": self.dim,
+            "num_heads": self.num_heads,
+            "mlp_ratio": self.mlp_ratio,
+            "qkv_bias": self.qkv_bias,
+            "drop_path_rate": self.drop_path_rate,
+            "seed": self.seed,
+        }
 
 
 @keras.saving.register_keras_serializable("dino_keras")
@@ -135,10 +158,19 @@ class VisionTransformer(keras.Model):
         seed: seed of the drop-path masks.
     """
 
-    def __init__(self, image_size: int = 224, patch_size: int = 16, embed_dim: int = 384,
-                 depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, drop_path_rate: float = 0.0, seed: int | None = None,
-                 **kwargs):
+    def __init__(
+        self,
+        image_size: int = 224,
+        patch_size: int = 16,
+        embed_dim: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        seed: int | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.image_size = image_size
         self.patch_size = patch_size
@@ -154,23 +186,38 @@ class VisionTransformer(keras.Model):
         # Patch embedding as a strided convolution (Keras' default init, like torch's Conv2d
         # default in the reference, which does not re-initialise it).
         self.patch_embed = keras.layers.Conv2D(
-            embed_dim, patch_size, strides=patch_size, padding="valid", name="patch_embed",
+            embed_dim,
+            patch_size,
+            strides=patch_size,
+            padding="valid",
+            name="patch_embed",
             kernel_initializer=keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform"),
         )
         rates = np.linspace(0.0, drop_path_rate, depth)
         self.blocks = [
-            TransformerBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, float(rate),
-                             seed=None if seed is None else seed + i, name=f"blocks_{i}")
+            TransformerBlock(
+                embed_dim,
+                num_heads,
+                mlp_ratio,
+                qkv_bias,
+                float(rate),
+                seed=None if seed is None else seed + i,
+                name=f"blocks_{i}",
+            )
             for i, rate in enumerate(rates)
         ]
         self.norm = keras.layers.LayerNormalization(epsilon=LAYER_NORM_EPSILON, name="norm")
         self._resize_cache: dict = {}
 
     def build(self, input_shape):
-        self.cls_token = self.add_weight(shape=(1, 1, self.embed_dim), initializer=_trunc_normal(),
-                                         name="cls_token")
-        self.pos_embed = self.add_weight(shape=(1, self.num_patches + 1, self.embed_dim),
-                                         initializer=_trunc_normal(), name="pos_embed")
+        self.cls_token = self.add_weight(
+            shape=(1, 1, self.embed_dim), initializer=_trunc_normal(), name="cls_token"
+        )
+        self.pos_embed = self.add_weight(
+            shape=(1, self.num_patches + 1, self.embed_dim),
+            initializer=_trunc_normal(),
+            name="pos_embed",
+        )
         self.patch_embed.build((None, None, None, input_shape[-1]))
         token_shape = (None, None, self.embed_dim)
         for block in self.blocks:
@@ -186,21 +233,27 @@ class VisionTransformer(keras.Model):
         key = (grid_height, grid_width)
         if key not in self._resize_cache:
             self._resize_cache[key] = position_grid_resize_matrices(
-                self.num_patches, grid_height, grid_width)
+                self.num_patches, grid_height, grid_width
+            )
         rows, cols = self._resize_cache[key]
         side = int(math.sqrt(self.num_patches))
         grid = ops.reshape(self.pos_embed[:, 1:], (side, side, self.embed_dim))
-        grid = ops.einsum("oh,hwd,pw->opd", ops.convert_to_tensor(rows), grid,
-                          ops.convert_to_tensor(cols))
+        grid = ops.einsum(
+            "oh,hwd,pw->opd", ops.convert_to_tensor(rows), grid, ops.convert_to_tensor(cols)
+        )
         patch_pos = ops.reshape(grid, (1, grid_height * grid_width, self.embed_dim))
         return ops.concatenate([self.pos_embed[:, :1], patch_pos], axis=1)
 
     def prepare_tokens(self, images):
-        """Patch tokens with the CLS token prepended and position embeddings added."""
+        """Patch tokens with the CLS token prepended and position embeddings added.
+
+        Images of a static size (training, evaluation) resize the position embedding with
+        matrices computed once at trace time; a graph whose height or width is only known at
+        run time (the serving signatures) computes the same matrices with TensorFlow ops.
+        """
         height, width = images.shape[1], images.shape[2]
         if height is None or width is None:
-            raise ValueError("VisionTransformer needs static image height and width, got "
-                             f"{images.shape}")
+            return self._prepare_tokens_dynamic(images)
         grid_height, grid_width = height // self.patch_size, width // self.patch_size
         x = self.patch_embed(images)
         batch = ops.shape(x)[0]
@@ -208,6 +261,16 @@ class VisionTransformer(keras.Model):
         cls = ops.broadcast_to(ops.cast(self.cls_token, x.dtype), (batch, 1, self.embed_dim))
         x = ops.concatenate([cls, x], axis=1)
         return x + ops.cast(self.interpolate_pos_encoding(grid_height, grid_width), x.dtype)
+
+    def _prepare_tokens_dynamic(self, images):
+        x = self.patch_embed(images)
+        shape = ops.shape(x)
+        batch, grid_height, grid_width = shape[0], shape[1], shape[2]
+        x = ops.reshape(x, (batch, grid_height * grid_width, self.embed_dim))
+        cls = ops.broadcast_to(ops.cast(self.cls_token, x.dtype), (batch, 1, self.embed_dim))
+        x = ops.concatenate([cls, x], axis=1)
+        pos_embed = interpolate_position_embedding_tf(self.pos_embed, grid_height, grid_width)
+        return x + ops.cast(pos_embed, x.dtype)
 
     # ------------------------------------------------------------------ outputs
     def forward_features(self, images, training=False):
@@ -239,15 +302,23 @@ class VisionTransformer(keras.Model):
         return outputs
 
     def get_config(self):
-        return {**super().get_config(), "image_size": self.image_size,
-                "patch_size": self.patch_size, "embed_dim": self.embed_dim, "depth": self.depth,
-                "num_heads": self.num_heads, "mlp_ratio": self.mlp_ratio,
-                "qkv_bias": self.qkv_bias, "drop_path_rate": self.drop_path_rate,
-                "seed": self.seed}
+        return {
+            **super().get_config(),
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "embed_dim": self.embed_dim,
+            "depth": self.depth,
+            "num_heads": self.num_heads,
+            "mlp_ratio": self.mlp_ratio,
+            "qkv_bias": self.qkv_bias,
+            "drop_path_rate": self.drop_path_rate,
+            "seed": self.seed,
+        }
 
 
-def vit_flops_per_image(image_size: tuple[int, int], patch_size: int, embed_dim: int, depth: int,
-                        mlp_ratio: float = 4.0) -> float:
+def vit_flops_per_image(
+    image_size: tuple[int, int], patch_size: int, embed_dim: int, depth: int, mlp_ratio: float = 4.0
+) -> float:
     """Analytic forward FLOPs (2 per multiply-add) of the backbone on one image."""
     tokens = (image_size[0] // patch_size) * (image_size[1] // patch_size) + 1
     patch = 2 * (tokens - 1) * patch_size * patch_size * 3 * embed_dim
@@ -255,4 +326,3 @@ def vit_flops_per_image(image_size: tuple[int, int], patch_size: int, embed_dim:
     attention = 2 * 2 * tokens * tokens * embed_dim
     mlp = 2 * 2 * tokens * embed_dim * int(embed_dim * mlp_ratio)
     return float(patch + depth * (qkv_proj + attention + mlp))
-

@@ -11,7 +11,6 @@ from dino_keras.models.vit import VisionTransformer
 from tests.helpers import tiny_config
 
 
-
 def gelu(x):
     import math
 
@@ -28,17 +27,30 @@ def test_head_matches_numpy_and_gain_is_frozen_with_norm_last_layer():
     h = h @ w[2][0] + w[2][1]
     h = h / np.linalg.norm(h, axis=-1, keepdims=True)
     v = head.last_layer.kernel_v.numpy()
-    np.testing.assert_allclose(out, h @ (v / np.linalg.norm(v, axis=0, keepdims=True)), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        out, h @ (v / np.linalg.norm(v, axis=0, keepdims=True)), rtol=1e-4, atol=1e-6
+    )
     assert not head.last_layer.gain.trainable
     np.testing.assert_array_equal(head.last_layer.gain.numpy(), 1.0)
-    assert DinoHead(out_dim=4, norm_last_layer=False, hidden_dim=8, bottleneck_dim=4).get_config()["norm_last_layer"] is False
+    assert (
+        DinoHead(out_dim=4, norm_last_layer=False, hidden_dim=8, bottleneck_dim=4).get_config()[
+            "norm_last_layer"
+        ]
+        is False
+    )
 
 
 def test_head_with_batchnorm_and_config_round_trip():
     head = DinoHead(out_dim=16, use_bn=True, hidden_dim=24, bottleneck_dim=8)
     head(np.zeros((4, 12), np.float32))
-    assert sum("batch_normalization" in type(layer).__name__.lower() or "BatchNormalization" in type(layer).__name__
-               for layer in head.mlp_layers) == 2
+    assert (
+        sum(
+            "batch_normalization" in type(layer).__name__.lower()
+            or "BatchNormalization" in type(layer).__name__
+            for layer in head.mlp_layers
+        )
+        == 2
+    )
     config = head.get_config()
     clone = DinoHead.from_config(config)
     assert clone.get_config() == config

@@ -61,7 +61,9 @@ def test_last_selfattention_rows_are_distributions_and_intermediate_layers():
     np.testing.assert_allclose(attn.sum(-1), 1.0, rtol=1e-5)
     layers = model.get_intermediate_layers(images, n=2)
     assert len(layers) == 2
-    np.testing.assert_allclose(layers[-1].numpy(), model.forward_features(images).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        layers[-1].numpy(), model.forward_features(images).numpy(), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_position_embedding_identity_at_native_size():
@@ -79,10 +81,20 @@ def test_position_embedding_follows_reference_formula(grid):
     np.testing.assert_array_equal(resized[0, 0], pos[0, 0])  # CLS position untouched
     grid_in = pos[0, 1:].reshape(7, 7, 32).astype(np.float64)
     scale_h, scale_w = (h0 + 0.1) / 7.0, (w0 + 0.1) / 7.0
-    rows = np.stack([np.stack([torch_bicubic_1d(grid_in[:, w, c], h0, scale_h) for c in range(32)], -1)
-                     for w in range(7)], 1)  # [h0, 7, C]
-    expected = np.stack([np.stack([torch_bicubic_1d(rows[h, :, c], w0, scale_w) for c in range(32)], -1)
-                         for h in range(h0)], 0)  # [h0, w0, C]
+    rows = np.stack(
+        [
+            np.stack([torch_bicubic_1d(grid_in[:, w, c], h0, scale_h) for c in range(32)], -1)
+            for w in range(7)
+        ],
+        1,
+    )  # [h0, 7, C]
+    expected = np.stack(
+        [
+            np.stack([torch_bicubic_1d(rows[h, :, c], w0, scale_w) for c in range(32)], -1)
+            for h in range(h0)
+        ],
+        0,
+    )  # [h0, w0, C]
     np.testing.assert_allclose(resized[0, 1:].reshape(h0, w0, 32), expected, atol=1e-6)
 
 
@@ -106,8 +118,17 @@ def test_drop_path_only_in_training():
 def test_get_config_round_trip_and_keras_save_load(tmp_path):
     model = tiny_vit(drop_path_rate=0.1, seed=3)
     config = model.get_config()
-    for key in ("image_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio",
-                "qkv_bias", "drop_path_rate", "seed"):
+    for key in (
+        "image_size",
+        "patch_size",
+        "embed_dim",
+        "depth",
+        "num_heads",
+        "mlp_ratio",
+        "qkv_bias",
+        "drop_path_rate",
+        "seed",
+    ):
         assert key in config
     clone = VisionTransformer.from_config(config)
     clone(np.zeros((1, 28, 28, 3), np.float32))
@@ -124,8 +145,12 @@ def test_get_config_round_trip_and_keras_save_load(tmp_path):
 def test_fit_eager_traced_and_compiled(mode):
     backbone = tiny_vit()
     model = keras.Sequential([backbone, keras.layers.Dense(3)])
-    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  run_eagerly=mode == "eager", jit_compile=mode == "compiled")
+    model.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        run_eagerly=mode == "eager",
+        jit_compile=mode == "compiled",
+    )
     x = np.random.default_rng(0).normal(size=(8, 28, 28, 3)).astype(np.float32)
     y = np.arange(8) % 3
     history = model.fit(x, y, epochs=2, batch_size=4, verbose=0)
