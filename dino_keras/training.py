@@ -19,6 +19,7 @@ from dino_keras.checkpointing import TrainingCheckpoint, check_or_write_run_conf
 from dino_keras.config import TrainConfig
 from dino_keras.data.multicrop import build_eval_dataset, build_multicrop_dataset, steps_per_epoch
 from dino_keras.data.sources import ImageSource, resolve_source
+from dino_keras.evaluation.attention import AttentionImages
 from dino_keras.evaluation.knn import KnnEvaluator
 from dino_keras.loss import DinoLoss
 from dino_keras.models.factory import build_student_and_teacher
@@ -182,6 +183,7 @@ def run_training(config: TrainConfig) -> dict:
             cbs.TeacherMomentum(config.momentum_teacher, config.epochs * steps),
             cbs.StopOnNonFiniteLoss(steps, config.checkpoint_dir),
             *([knn] if knn else []),
+            *attention_images(config, eval_source or train_source),
             cbs.EpochLog(run_log),
             cbs.SaveCheckpoints(checkpoint, config.saveckp_freq),
         ]
@@ -196,6 +198,16 @@ def run_training(config: TrainConfig) -> dict:
     else:
         print(f"Training already complete ({initial_epoch} epochs in {config.checkpoint_dir})")
     return write_summary(config, run_log, checkpoint, time.time() - start)
+
+
+def attention_images(config: TrainConfig, source: ImageSource, count: int = 4) -> list:
+    """TensorBoard attention maps of the first `count` evaluation images (ViTs only)."""
+    if not config.is_vit:
+        return []
+    images, _ = next(iter(build_eval_dataset(source, image_size=config.global_crops_size,
+                                             batch_size=count)))
+    return [AttentionImages(images.numpy(), os.path.join(config.output_dir, "tensorboard"),
+                            every=max(config.eval_every, 1))]
 
 
 def write_summary(
