@@ -204,10 +204,16 @@ def attention_images(config: TrainConfig, source: ImageSource, count: int = 4) -
     """TensorBoard attention maps of the first `count` evaluation images (ViTs only)."""
     if not config.is_vit:
         return []
-    images, _ = next(iter(build_eval_dataset(source, image_size=config.global_crops_size,
-                                             batch_size=count)))
-    return [AttentionImages(images.numpy(), os.path.join(config.output_dir, "tensorboard"),
-                            every=max(config.eval_every, 1))]
+    images, _ = next(
+        iter(build_eval_dataset(source, image_size=config.global_crops_size, batch_size=count))
+    )
+    return [
+        AttentionImages(
+            images.numpy(),
+            os.path.join(config.output_dir, "tensorboard"),
+            every=max(config.eval_every, 1),
+        )
+    ]
 
 
 def write_summary(

@@ -37,8 +37,11 @@ def final_weights(output_dir):
     import tensorflow as tf
 
     reader = tf.train.load_checkpoint(os.path.join(output_dir, "checkpoints"))
-    names = sorted(n for n in reader.get_variable_to_shape_map()
-                   if n not in ("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter/.ATTRIBUTES/VARIABLE_VALUE"))
+    names = sorted(
+        n
+        for n in reader.get_variable_to_shape_map()
+        if n not in ("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter/.ATTRIBUTES/VARIABLE_VALUE")
+    )
     return {n: reader.get_tensor(n) for n in names}
 
 
@@ -70,8 +73,17 @@ def test_run_writes_log_summary_checkpoints_and_resumes_identically(tmp_path, mo
     events = event_accumulator.EventAccumulator(os.path.join(out, "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["tensors"])
-    for tag in ("loss", "knn_top1", "teacher_entropy", "teacher_batch_entropy",
-                "kl_teacher_student", "center_norm", "lr", "momentum", "attention/image_0"):
+    for tag in (
+        "loss",
+        "knn_top1",
+        "teacher_entropy",
+        "teacher_batch_entropy",
+        "kl_teacher_student",
+        "center_norm",
+        "lr",
+        "momentum",
+        "attention/image_0",
+    ):
         assert tag in tags, tag
     kept = sorted(f for f in os.listdir(os.path.join(out, "checkpoints")) if f.startswith("epoch-"))
     assert kept and kept[0].startswith("epoch-0001")

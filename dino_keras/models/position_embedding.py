@@ -64,8 +64,12 @@ def position_grid_resize_matrices(
     side = int(math.sqrt(num_native_patches))
     if side * side != num_native_patches:
         raise ValueError(f"native patch count {num_native_patches} is not a square")
-    rows = bicubic_resize_matrix(side, grid_height, (grid_height + 0.1) / math.sqrt(num_native_patches))
-    cols = bicubic_resize_matrix(side, grid_width, (grid_width + 0.1) / math.sqrt(num_native_patches))
+    rows = bicubic_resize_matrix(
+        side, grid_height, (grid_height + 0.1) / math.sqrt(num_native_patches)
+    )
+    cols = bicubic_resize_matrix(
+        side, grid_width, (grid_width + 0.1) / math.sqrt(num_native_patches)
+    )
     return rows, cols
 
 
@@ -80,8 +84,9 @@ def bicubic_resize_matrix_tf(in_size: int, out_size, scale_factor) -> tf.Tensor:
     weights = tf.stack(
         [_cubic_far(t + 1.0), _cubic_near(t), _cubic_near(1.0 - t), _cubic_far(2.0 - t)], axis=1
     )
-    index = tf.clip_by_value(tf.cast(floor, tf.int32)[:, tf.newaxis] - 1 + tf.range(4), 0,
-                             in_size - 1)
+    index = tf.clip_by_value(
+        tf.cast(floor, tf.int32)[:, tf.newaxis] - 1 + tf.range(4), 0, in_size - 1
+    )
     # Summed in float64 as `np.add.at` does where clamped taps fall on the same border pixel.
     taps = tf.one_hot(index, in_size, dtype=tf.float64) * tf.cast(weights, tf.float64)[..., None]
     return tf.cast(tf.reduce_sum(taps, axis=1), tf.float32)
@@ -94,9 +99,11 @@ def position_grid_resize_matrices_tf(num_native_patches: int, grid_height, grid_
         raise ValueError(f"native patch count {num_native_patches} is not a square")
     root = math.sqrt(num_native_patches)
     rows = bicubic_resize_matrix_tf(
-        side, grid_height, (tf.cast(grid_height, tf.float64) + 0.1) / root)
+        side, grid_height, (tf.cast(grid_height, tf.float64) + 0.1) / root
+    )
     cols = bicubic_resize_matrix_tf(
-        side, grid_width, (tf.cast(grid_width, tf.float64) + 0.1) / root)
+        side, grid_width, (tf.cast(grid_width, tf.float64) + 0.1) / root
+    )
     return rows, cols
 
 
