@@ -232,11 +232,24 @@ def parse_checkpoint(checkpoint: Any, checkpoint_key: str = "") -> CheckpointCon
     )
 
 
+# Early releases of the reference named the ViTs after DeiT.
+_ARCH_ALIASES = {"deit_tiny": "vit_tiny", "deit_small": "vit_small"}
+
+
 def _reference_args(args) -> dict:
-    if args is None:
+    """The architecture flags of the reference's `args` (a Namespace or a dict)."""
+    if isinstance(args, argparse.Namespace):
+        values = vars(args)
+    elif isinstance(args, Mapping):
+        values = dict(args)
+    else:
         return {}
-    values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    return {k: values[k] for k in _REFERENCE_ARCH_ARGS if k in values}
+    found = {k: values[k] for k in _REFERENCE_ARCH_ARGS if k in values}
+    if "arch" in found:
+        found["arch"] = _ARCH_ALIASES.get(found["arch"], found["arch"])
+        if found["arch"] not in VIT_ARCHS and found["arch"] != "resnet50":
+            del found["arch"]  # e.g. a timm name: the shapes decide
+    return found
 
 
 # --------------------------------------------------------------------------- #

@@ -111,8 +111,11 @@ def build_trainer(config: TrainConfig, steps: int, global_batch: int, synchroniz
     return trainer
 
 
-def run_training(config: TrainConfig) -> dict:
-    """Train (or resume) as configured; returns the summary also written to summary.json."""
+def run_training(config: TrainConfig, extra_callbacks: list | None = None) -> dict:
+    """Train (or resume) as configured; returns the summary also written to summary.json.
+
+    `extra_callbacks` run after the built-in ones (e.g. to stop early or log elsewhere).
+    """
     config.validate()
     train_source, eval_source = resolve_sources(config)
     check_or_write_run_config(config)
@@ -186,6 +189,7 @@ def run_training(config: TrainConfig) -> dict:
             *attention_images(config, eval_source or train_source),
             cbs.EpochLog(run_log),
             cbs.SaveCheckpoints(checkpoint, config.saveckp_freq),
+            *(extra_callbacks or []),
         ]
         trainer.fit(
             dataset,
@@ -194,6 +198,7 @@ def run_training(config: TrainConfig) -> dict:
             steps_per_epoch=steps,
             callbacks=callbacks,
             verbose=config.verbose,
+            shuffle=False,  # the dataset is shuffled per epoch by the pipeline
         )
     else:
         print(f"Training already complete ({initial_epoch} epochs in {config.checkpoint_dir})")

@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import sys
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's C++ start-up chatter off the console
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 from dino_keras.config import ConfigError, TrainConfig, config_from_flags, define_flags  # noqa: E402
 
@@ -20,6 +21,7 @@ define_flags(flags.FLAGS, TrainConfig)
 
 
 def main(argv):
+    logging.set_verbosity(logging.WARNING)
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
