@@ -24,7 +24,8 @@ CONVNET_ARCHS = ("resnet50",)
 ARCHS = tuple(VIT_ARCHS) + CONVNET_ARCHS
 OPTIMIZERS = ("adamw", "sgd", "lars")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
-STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+# Multi-device strategies (mirrored, multi_worker, tpu) are not implemented yet.
+STRATEGIES = ("default",)
 
 
 class ConfigError(ValueError):

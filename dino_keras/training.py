@@ -31,9 +31,8 @@ log = logging.getLogger(__name__)
 
 
 def build_strategy(config: TrainConfig) -> tf.distribute.Strategy:
-    if config.strategy == "default":
-        return tf.distribute.get_strategy()
-    raise NotImplementedError(f"--strategy={config.strategy} is not available in this version")
+    """The strategy named by --strategy (validated: only "default", one device, for now)."""
+    return tf.distribute.get_strategy()
 
 
 def resolve_sources(config: TrainConfig) -> tuple[ImageSource, ImageSource | None]:

@@ -100,3 +100,8 @@ def test_every_recipe_in_configs_parses_and_validates(monkeypatch):
         30,
         False,
     )
+
+
+def test_unavailable_strategy_is_refused_up_front():
+    with pytest.raises(ConfigError, match="^--strategy"):
+        parse("--strategy=mirrored")
