@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from dino_keras.checkpointing import ARCHITECTURE_FLAGS
 from dino_keras.config import VIT_ARCHS, ConfigError, TrainConfig
 
 MLP_RATIO = 4
@@ -908,22 +909,8 @@ def _describe(config: TrainConfig) -> str:
     )
 
 
-# Flags a resumed run must repeat (checkpointing.ARCHITECTURE_FLAGS and the ViT dimensions).
-_FLAGFILE_FIELDS = (
-    "arch",
-    "patch_size",
-    "embed_dim",
-    "depth",
-    "num_heads",
-    "out_dim",
-    "head_hidden_dim",
-    "head_bottleneck_dim",
-    "norm_last_layer",
-    "use_bn_in_head",
-    "optimizer",
-    "global_crops_size",
-    "output_dir",
-)
+# Flags a resumed run must repeat: the architecture flags and the output directory.
+_FLAGFILE_FIELDS = (*ARCHITECTURE_FLAGS, "output_dir")
 
 
 def _write_flagfile(config: TrainConfig, extra: Mapping[str, Any]) -> str:
