@@ -264,6 +264,31 @@ def load_backbone(path: str, which: str = "teacher") -> LoadedBackbone:
 # --------------------------------------------------------------------------- #
 
 
+def define_eval_data_flags(flag_values, data_path_help: str) -> None:
+    """The evaluation scripts' data flags, read back by `resolve_eval_sources`."""
+    from absl import flags
+
+    flags.DEFINE_string("data_path", "fashion_mnist", data_path_help, flag_values=flag_values)
+    flags.DEFINE_string(
+        "eval_data_path",
+        "",
+        "Test images; empty: the test split of --data_path.",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_string(
+        "tfds_data_dir", "", "TFDS data directory for 'tfds:' data paths.", flag_values=flag_values
+    )
+    flags.DEFINE_integer(
+        "limit_train",
+        0,
+        "Use only the first N training images; 0 uses all.",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_integer(
+        "limit_test", 0, "Use only the first N test images; 0 uses all.", flag_values=flag_values
+    )
+
+
 def resolve_eval_sources(
     data_path: str,
     eval_data_path: str = "",

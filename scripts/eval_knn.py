@@ -23,6 +23,8 @@ from absl import app, flags  # noqa: E402
 
 
 def define_flags(flag_values) -> None:
+    from dino_keras.run_loading import define_eval_data_flags
+
     def string(name, default, help_text):
         flags.DEFINE_string(name, default, help_text, flag_values=flag_values)
 
@@ -42,16 +44,11 @@ def define_flags(flag_values) -> None:
         "Network of --checkpoint.",
         flag_values=flag_values,
     )
-    string(
-        "data_path",
-        "fashion_mnist",
+    define_eval_data_flags(
+        flag_values,
         "Labelled images with a train split (the k-NN bank); "
         "same forms as scripts/train.py's --data_path.",
     )
-    string("eval_data_path", "", "Test images; empty: the test split of --data_path.")
-    string("tfds_data_dir", "", "TFDS data directory for 'tfds:' data paths.")
-    integer("limit_train", 0, "Use only the first N training images; 0 uses all.")
-    integer("limit_test", 0, "Use only the first N test images; 0 uses all.")
     flags.DEFINE_list(
         "nb_knn", ["10", "20", "100", "200"], "Numbers of neighbours.", flag_values=flag_values
     )

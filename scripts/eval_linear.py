@@ -19,6 +19,8 @@ from absl import app, flags  # noqa: E402
 
 
 def define_flags(flag_values) -> None:
+    from dino_keras.run_loading import define_eval_data_flags
+
     def string(name, default, help_text):
         flags.DEFINE_string(name, default, help_text, flag_values=flag_values)
 
@@ -30,16 +32,11 @@ def define_flags(flag_values) -> None:
         "which", "teacher", ["teacher", "student"], "Network to evaluate.", flag_values=flag_values
     )
     string("output_dir", None, "Checkpoints, logs and the summary of this evaluation.")
-    string(
-        "data_path",
-        "fashion_mnist",
+    define_eval_data_flags(
+        flag_values,
         "Labelled images with a train and a test split (same "
         "forms as scripts/train.py's --data_path).",
     )
-    string("eval_data_path", "", "Test images; empty: the test split of --data_path.")
-    string("tfds_data_dir", "", "TFDS data directory for 'tfds:' data paths.")
-    integer("limit_train", 0, "Use only the first N training images; 0 uses all.")
-    integer("limit_test", 0, "Use only the first N test images; 0 uses all.")
     integer("n_last_blocks", 4, "Concatenate the CLS outputs of this many last blocks.")
     flags.DEFINE_bool(
         "avgpool_patchtokens",
