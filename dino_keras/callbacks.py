@@ -107,10 +107,22 @@ class RunLog:
         return record
 
     def records(self) -> list[dict]:
+        """The logged records, one per epoch: an epoch repeated after a restart keeps its last
+        record; a line cut short by a killed process is skipped."""
         if not os.path.exists(self.path):
             return []
+        by_epoch: dict[tuple, dict] = {}
         with open(self.path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                # k-NN-only records (epoch 0) and epoch records are kept apart.
+                key = (record.get("epoch"), "loss" in record)
+                by_epoch.pop(key, None)
+                by_epoch[key] = record
+        return sorted(by_epoch.values(), key=lambda r: (r.get("epoch", 0), "loss" in r))
 
 
 def _to_python(value):
@@ -126,10 +138,18 @@ class KnnEvaluation(keras.callbacks.Callback):
     end, added to the epoch logs as `knn_top1` / `knn_top5`."""
 
     def __init__(
-        self, evaluator, run_log: RunLog, every: int, epochs: int, k: int, initial_epoch: int = 0
+        self,
+        evaluator,
+        run_log: RunLog,
+        every: int,
+        epochs: int,
+        k: int,
+        evaluate_at_start: bool = True,
+        verbose: bool = True,
     ):
         super().__init__()
-        self.initial_epoch = initial_epoch
+        self.evaluate_at_start = evaluate_at_start
+        self.verbose = verbose
         self.evaluator = evaluator
         self.run_log = run_log
         self.every = every
@@ -141,15 +161,16 @@ class KnnEvaluation(keras.callbacks.Callback):
         start = time.time()
         result = self.evaluator(self.model.teacher.backbone)
         self.results[epoch] = result
-        print(
-            f"Teacher k-NN@{self.k} after epoch {epoch}: top-1 {result['top1']:.2f}%, "
-            f"top-5 {result['top5']:.2f}% ({time.time() - start:.0f} s)",
-            flush=True,
-        )
+        if self.verbose:
+            print(
+                f"Teacher k-NN@{self.k} after epoch {epoch}: top-1 {result['top1']:.2f}%, "
+                f"top-5 {result['top5']:.2f}% ({time.time() - start:.0f} s)",
+                flush=True,
+            )
         return result
 
     def on_train_begin(self, logs=None):
-        if self.initial_epoch == 0 and 0 not in self.results:
+        if self.evaluate_at_start and 0 not in self.results:
             result = self.evaluate(0)
             self.run_log.write(0, {"knn_top1": result["top1"], "knn_top5": result["top5"]})
 
@@ -190,6 +211,25 @@ class SaveCheckpoints(keras.callbacks.Callback):
         self.training_checkpoint.save(epoch + 1, keep=(epoch + 1) % self.keep_every == 0)
 
 
+class SaveBackups(keras.callbacks.Callback):
+    """Writes a preemption backup every `every` optimiser steps (`TrainingCheckpoint.save_backup`).
+
+    Runs after `StopOnNonFiniteLoss`, so a diverged state is never backed up.
+    """
+
+    def __init__(self, training_checkpoint, every: int, steps_per_epoch: int):
+        super().__init__()
+        self.training_checkpoint = training_checkpoint
+        self.every = every
+        self.steps_per_epoch = steps_per_epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        if step % self.every == 0 and step % self.steps_per_epoch:
+            # (at an epoch's end the epoch checkpoint is the backup)
+            self.training_checkpoint.save_backup(step // self.steps_per_epoch)
+
+
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -197,23 +237,20 @@ class NonFiniteLossError(RuntimeError):
 class StopOnNonFiniteLoss(keras.callbacks.Callback):
     """Stops training with an error naming the step when the loss is NaN or infinite.
 
-    The checkpoint written at the end of the previous epoch is left untouched.
+    The last checkpoint and backup, written before the step, are left untouched.
     """
 
     def __init__(self, steps_per_epoch: int, checkpoint_dir: str):
         super().__init__()
         self.steps_per_epoch = steps_per_epoch
         self.checkpoint_dir = checkpoint_dir
-        self._epoch = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
         loss = _to_python((logs or {}).get("loss", 0.0))
         if not math.isfinite(loss):
-            step = self._epoch * self.steps_per_epoch + batch + 1
+            step = int(self.model.optimizer.iterations.numpy())
+            epoch, in_epoch = divmod(step - 1, self.steps_per_epoch)
             raise NonFiniteLossError(
-                f"loss is {loss} at step {step} (epoch {self._epoch + 1}, batch {batch + 1}); "
+                f"loss is {loss} at step {step} (epoch {epoch + 1}, batch {in_epoch + 1}); "
                 f"training stopped. The last good checkpoint in {self.checkpoint_dir} is intact."
             )

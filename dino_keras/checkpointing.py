@@ -1,9 +1,14 @@
-"""Training checkpoints: student, teacher, optimiser, centre and epoch in one TF checkpoint.
+"""Training checkpoints: student, teacher, optimiser, centre, epoch and step in one checkpoint.
 
-`latest-N` is rewritten every epoch (the previous one is deleted only after the new one and
-the index file are written), `epoch-NNNN` is kept every `saveckp_freq` epochs. The resolved
-configuration of the run is stored beside them (`config.json`); a rerun of a different
-architecture into the same directory is refused before anything is written.
+`latest-N` is rewritten every epoch, `epoch-NNNN` is kept every `saveckp_freq` epochs and
+`backup/step-S` is the preemption backup written every `backup_every_steps` steps. A restart
+restores whichever of `latest` and `backup` is further along. Every write is atomic for a
+reader: TensorFlow writes a checkpoint's files completely before the index file
+(`checkpoint`) is atomically replaced to name it, and the previous checkpoint is deleted only
+after that, so a process killed at any moment leaves the previous checkpoint loadable.
+
+The resolved configuration of the run is stored beside them (`config.json`); a rerun of a
+different architecture into the same directory is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ ARCHITECTURE_FLAGS = (
     "global_crops_size",
 )
 
+RNG_STATE = "seed_generator_state"
+
 
 class NetworkVariables(tf.Module):
     """Every variable of a Keras network, keyed by its path inside the network.
@@ -38,17 +45,22 @@ class NetworkVariables(tf.Module):
     Keras 3 keeps layers held in Python lists (transformer blocks, head layers) out of
     `tf.train.Checkpoint`'s object graph, so checkpoints address networks through this
     explicit, stable mapping instead of the layer objects. Random-generator states (drop path)
-    are left out: Keras names them by a process-wide counter, so their paths are not stable.
+    are named by a process-wide counter in Keras, so they are keyed by their order in the
+    network instead (`rng/<i>/seed_generator_state`): a resumed run continues their streams.
     """
 
     def __init__(self, network):
         super().__init__()
         prefix = network.name + "/"
-        self.by_path = {
-            v.path[len(prefix) :] if v.path.startswith(prefix) else v.path: v
-            for v in network.variables
-            if not v.path.endswith("seed_generator_state")
-        }
+        self.by_path = {}
+        rng_states = 0
+        for v in network.variables:
+            if v.path.endswith(RNG_STATE):
+                key = f"rng/{rng_states}/{RNG_STATE}"
+                rng_states += 1
+            else:
+                key = v.path[len(prefix) :] if v.path.startswith(prefix) else v.path
+            self.by_path[key] = v
 
 
 def network_checkpoint(**networks) -> tf.train.Checkpoint:
@@ -57,39 +69,93 @@ def network_checkpoint(**networks) -> tf.train.Checkpoint:
     return tf.train.Checkpoint(**{name: NetworkVariables(net) for name, net in networks.items()})
 
 
+_STEP_KEY = "step/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def _saved_step(path: str) -> int:
+    """The step stored in a checkpoint (-1 for checkpoints written before steps were)."""
+    try:
+        return int(tf.train.load_variable(path, _STEP_KEY))
+    except (tf.errors.NotFoundError, ValueError):
+        return -1
+
+
 class TrainingCheckpoint:
-    def __init__(self, directory: str, *, student, teacher, optimizer, center):
+    """Epoch checkpoints and step backups of a run.
+
+    Args:
+        directory: where the run's checkpoints are read from (and written to by default).
+        write_directory: where this process writes (a non-chief worker's scratch directory).
+    """
+
+    def __init__(
+        self, directory: str, *, student, teacher, optimizer, center, write_directory=None
+    ):
         self.directory = directory
+        self.write_directory = write_directory or directory
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        self.optimizer = optimizer
         self.checkpoint = tf.train.Checkpoint(
             student=NetworkVariables(student),
             teacher=NetworkVariables(teacher),
             optimizer=optimizer,
             center=center,
             epoch=self.epoch,
+            step=self.step,
         )
         self.manager = tf.train.CheckpointManager(
-            self.checkpoint, directory, max_to_keep=1, checkpoint_name="latest"
+            self.checkpoint, self.write_directory, max_to_keep=1, checkpoint_name="latest"
         )
+        self.backups = tf.train.CheckpointManager(
+            self.checkpoint,
+            os.path.join(self.write_directory, "backup"),
+            max_to_keep=1,
+            checkpoint_name="step",
+        )
+        self.restored_path: str | None = None
 
     @property
     def latest_path(self) -> str | None:
-        return self.manager.latest_checkpoint
+        return self.manager.latest_checkpoint or self.restored_path
+
+    def candidates(self) -> list[str]:
+        """Restorable checkpoints of the run: the latest epoch checkpoint and backup."""
+        paths = [
+            tf.train.latest_checkpoint(self.directory),
+            tf.train.latest_checkpoint(os.path.join(self.directory, "backup")),
+        ]
+        return [path for path in paths if path]
+
+    def restore(self) -> int:
+        """Restores the most advanced checkpoint of the run; returns its step (0 if none)."""
+        candidates = self.candidates()
+        if not candidates:
+            return 0
+        path = max(candidates, key=_saved_step)  # ties: the epoch checkpoint (listed first)
+        self.checkpoint.restore(path).assert_existing_objects_matched()
+        self.restored_path = path
+        return int(self.optimizer.iterations.numpy())
 
     def restore_latest(self) -> int:
-        """Restores the latest checkpoint if there is one; returns its epoch (0 if none)."""
-        path = self.manager.latest_checkpoint
-        if path is None:
-            return 0
-        self.checkpoint.restore(path).assert_existing_objects_matched()
+        """Restores the most advanced checkpoint; returns the epoch it belongs to (0 if none)."""
+        self.restore()
         return int(self.epoch.numpy())
 
     def save(self, epoch: int, keep: bool = False) -> str:
         self.epoch.assign(epoch)
+        self.step.assign(self.optimizer.iterations)
         path = self.manager.save(checkpoint_number=epoch)
         if keep:
-            self.checkpoint.write(os.path.join(self.directory, f"epoch-{epoch:04d}"))
+            self.checkpoint.write(os.path.join(self.write_directory, f"epoch-{epoch:04d}"))
         return path
+
+    def save_backup(self, epoch: int) -> str:
+        """A mid-epoch backup; `epoch` is the number of completed epochs."""
+        self.epoch.assign(epoch)
+        step = int(self.optimizer.iterations.numpy())
+        self.step.assign(step)
+        return self.backups.save(checkpoint_number=step)
 
 
 def check_or_write_run_config(config: TrainConfig) -> None:

@@ -24,8 +24,7 @@ CONVNET_ARCHS = ("resnet50",)
 ARCHS = tuple(VIT_ARCHS) + CONVNET_ARCHS
 OPTIMIZERS = ("adamw", "sgd", "lars")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
-# Multi-device strategies (mirrored, multi_worker, tpu) are not implemented yet.
-STRATEGIES = ("default",)
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 
 
 class ConfigError(ValueError):
@@ -98,7 +97,26 @@ class TrainConfig:
     seed: int = _field(0, "Random seed.")
     steps_per_execution: int = _field(1, "Training steps per compiled call.")
     jit_compile: bool = _field(True, "XLA-compile the training step.")
-    strategy: str = _field("default", f"Distribution strategy: one of {', '.join(STRATEGIES)}.")
+    strategy: str = _field(
+        "default",
+        "Distribution: 'default' (one device), 'mirrored' (all local GPUs, or --cpu_replicas "
+        "logical CPU devices), 'multi_worker' (MultiWorkerMirroredStrategy; cluster from "
+        "TF_CONFIG or SLURM's environment) or 'tpu' (TPUStrategy on --tpu).",
+    )
+    cpu_replicas: int = _field(
+        0, "With --strategy=mirrored on a machine without GPUs: number of logical CPU replicas."
+    )
+    tpu: str = _field(
+        "", "TPU name or grpc:// address for --strategy=tpu ('local' on a Cloud TPU VM)."
+    )
+    backup_every_steps: int = _field(
+        500,
+        "Write a preemption backup every N optimiser steps (rerunning the same command resumes "
+        "from it mid-epoch); 0 disables.",
+    )
+    deterministic: bool = _field(
+        False, "Deterministic ops and seeds: two runs of the same command give identical weights."
+    )
     verbose: int = _field(1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")
     # Evaluation.
     eval_data_path: str = _field(
@@ -161,6 +179,16 @@ class TrainConfig:
                 "strategy",
                 f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}",
             )
+        if self.cpu_replicas and self.strategy != "mirrored":
+            fail("cpu_replicas", f"only applies to --strategy=mirrored, not {self.strategy!r}")
+        if self.tpu and self.strategy != "tpu":
+            fail("tpu", f"only applies to --strategy=tpu, not {self.strategy!r}")
+        if self.backup_every_steps and self.backup_every_steps % self.steps_per_execution:
+            fail(
+                "backup_every_steps",
+                f"{self.backup_every_steps} is not a multiple of "
+                f"--steps_per_execution={self.steps_per_execution}",
+            )
         for name in (
             "out_dim",
             "head_hidden_dim",
@@ -192,6 +220,8 @@ class TrainConfig:
             "weight_decay_end",
             "clip_grad",
             "drop_path_rate",
+            "cpu_replicas",
+            "backup_every_steps",
         ):
             if getattr(self, name) < 0:
                 fail(name, f"must be >= 0, got {getattr(self, name)}")

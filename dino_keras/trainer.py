@@ -52,7 +52,11 @@ class DinoTrainer(keras.Model):
         self.teacher_temp = teacher_temp
         self.warmup_teacher_temp_epochs = warmup_teacher_temp_epochs
         self.teacher_updater = None
+        self.replica_jit_compile = False
+        self._compiled_gradients = None
         self.trackers = {name: keras.metrics.Mean(name=name) for name in MONITOR_NAMES}
+        # Student and teacher come built; saying so spares Keras a symbolic build of the crops.
+        self.built = True
 
     @property
     def metrics(self):
@@ -82,18 +86,42 @@ class DinoTrainer(keras.Model):
         loss, monitors = self.dino_loss(student_output, teacher_output, temperature)
         return loss, monitors, teacher_output, temperature
 
+    def loss_and_gradients(self, crops, step):
+        """Loss, monitors, teacher output, temperature and this replica's gradients.
+
+        The loss is divided by the number of replicas before differentiation: the optimiser
+        sums gradients over replicas, so the update follows the mean over the global batch.
+        """
+        variables = self.student.trainable_variables
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        with tf.GradientTape() as tape:
+            loss, monitors, teacher_output, temperature = self.compute_loss_and_outputs(
+                crops, step
+            )
+            scaled_loss = self.optimizer.scale_loss(loss / replicas)
+        gradients = tape.gradient(scaled_loss, variables)
+        return loss, monitors, teacher_output, temperature, gradients
+
     def train_step(self, data):
         if self.teacher_updater is None:
             raise RuntimeError(
                 "DinoTrainer.fit needs the TeacherMomentum callback "
                 "(dino_keras.callbacks.TeacherMomentum) to update the teacher."
             )
+        # Keras wraps single-element batches as (x,): unwrap to the crops.
+        crops = data[0] if len(data) == 1 else data
         step = tf.identity(self.optimizer.iterations)
         variables = self.student.trainable_variables
-        with tf.GradientTape() as tape:
-            loss, monitors, teacher_output, temperature = self.compute_loss_and_outputs(data, step)
-            scaled_loss = self.optimizer.scale_loss(loss)
-        gradients = tape.gradient(scaled_loss, variables)
+        if self.replica_jit_compile:
+            # Several devices (MirroredStrategy): XLA cannot compile the whole step, which
+            # touches every replica's variables, so each replica's forward and backward pass is
+            # compiled on its own; the cross-replica updates run outside it.
+            if self._compiled_gradients is None:
+                self._compiled_gradients = tf.function(self.loss_and_gradients, jit_compile=True)
+            outputs = self._compiled_gradients(crops, step)
+        else:
+            outputs = self.loss_and_gradients(crops, step)
+        loss, monitors, teacher_output, temperature, gradients = outputs
         inner_optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
         lr, wd = inner_optimizer.learning_rate, inner_optimizer.current_weight_decay()
         self.optimizer.apply(gradients, variables)

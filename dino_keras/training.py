@@ -19,6 +19,7 @@ from dino_keras.checkpointing import TrainingCheckpoint, check_or_write_run_conf
 from dino_keras.config import TrainConfig
 from dino_keras.data.multicrop import build_eval_dataset, build_multicrop_dataset, steps_per_epoch
 from dino_keras.data.sources import ImageSource, resolve_source
+from dino_keras.distribution import WorkerRole, build_strategy, distribute_training_data, worker_role
 from dino_keras.evaluation.attention import AttentionImages
 from dino_keras.evaluation.knn import KnnEvaluator
 from dino_keras.loss import DinoLoss
@@ -28,11 +29,6 @@ from dino_keras.schedules import CosineSchedule
 from dino_keras.trainer import DinoTrainer
 
 log = logging.getLogger(__name__)
-
-
-def build_strategy(config: TrainConfig) -> tf.distribute.Strategy:
-    """The strategy named by --strategy (validated: only "default", one device, for now)."""
-    return tf.distribute.get_strategy()
 
 
 def resolve_sources(config: TrainConfig) -> tuple[ImageSource, ImageSource | None]:
@@ -87,9 +83,11 @@ def build_optimizer(config: TrainConfig, global_batch: int, steps: int):
     return optimizer
 
 
-def build_trainer(config: TrainConfig, steps: int, global_batch: int, synchronized_bn=False):
+def build_trainer(config: TrainConfig, steps: int, global_batch: int, strategy=None):
     """Student, teacher, loss, optimiser and the compiled `DinoTrainer` (call in scope)."""
-    student, teacher = build_student_and_teacher(config, synchronized_bn=synchronized_bn)
+    strategy = strategy or tf.distribute.get_strategy()
+    multi_device = strategy.num_replicas_in_sync > 1
+    student, teacher = build_student_and_teacher(config, synchronized_bn=multi_device)
     dino_loss = DinoLoss(config.out_dim, num_student_crops=2 + config.local_crops_number)
     trainer = DinoTrainer(
         student,
@@ -101,51 +99,76 @@ def build_trainer(config: TrainConfig, steps: int, global_batch: int, synchroniz
         warmup_teacher_temp_epochs=config.warmup_teacher_temp_epochs,
     )
     optimizer = build_optimizer(config, global_batch, steps)
+    # XLA compiles a step for one device: on several GPUs/CPUs each replica's forward and
+    # backward pass is compiled instead (TPUStrategy compiles everything itself).
+    per_replica_jit = multi_device and not isinstance(strategy, tf.distribute.TPUStrategy)
     trainer.compile(
         optimizer=optimizer,
-        jit_compile=config.jit_compile,
+        jit_compile=config.jit_compile and not per_replica_jit,
         steps_per_execution=config.steps_per_execution,
     )
+    trainer.replica_jit_compile = config.jit_compile and per_replica_jit
     optimizer.build(student.trainable_variables)
     return trainer
 
 
-def run_training(config: TrainConfig, extra_callbacks: list | None = None) -> dict:
+def run_training(config: TrainConfig, extra_callbacks: list | None = None, strategy=None) -> dict:
     """Train (or resume) as configured; returns the summary also written to summary.json.
 
-    `extra_callbacks` run after the built-in ones (e.g. to stop early or log elsewhere).
+    Rerunning resumes from the most advanced checkpoint or backup, mid-epoch if need be, with
+    the same data order, optimiser state, centre and schedules. `extra_callbacks` run after
+    the built-in ones. `strategy` overrides `--strategy` (tests).
     """
     config.validate()
+    # First: logical CPU devices and cluster set-up must precede any other TensorFlow work.
+    strategy = strategy or build_strategy(config)
+    role = worker_role(strategy)
+    try:
+        return _run(config, strategy, role, extra_callbacks or [])
+    finally:
+        role.cleanup()
+
+
+def _run(config: TrainConfig, strategy, role: WorkerRole, extra_callbacks: list) -> dict:
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
     train_source, eval_source = resolve_sources(config)
-    check_or_write_run_config(config)
+    if role.is_chief:
+        check_or_write_run_config(config)
     keras.utils.set_random_seed(config.seed)
     keras.mixed_precision.set_global_policy(config.compute_precision)
 
-    strategy = build_strategy(config)
-    global_batch = config.batch_size_per_gpu * strategy.num_replicas_in_sync
+    replicas = strategy.num_replicas_in_sync
+    global_batch = config.batch_size_per_gpu * replicas
     steps = steps_per_epoch(train_source.num_examples, global_batch)
-    print(
+    say = print if role.is_chief else (lambda *args, **kwargs: None)
+    say(
         f"Training on {train_source.name}: {train_source.num_examples} images, "
-        f"{steps} steps of {global_batch} per epoch, {config.epochs} epochs",
+        f"{steps} steps of {global_batch} ({replicas} replica(s) x {config.batch_size_per_gpu}) "
+        f"per epoch, {config.epochs} epochs",
         flush=True,
     )
 
     with strategy.scope():
-        trainer = build_trainer(
-            config, steps, global_batch, synchronized_bn=strategy.num_replicas_in_sync > 1
-        )
+        trainer = build_trainer(config, steps, global_batch, strategy)
         checkpoint = TrainingCheckpoint(
             config.checkpoint_dir,
             student=trainer.student,
             teacher=trainer.teacher,
             optimizer=trainer.optimizer,
             center=trainer.center,
+            write_directory=os.path.join(role.output_dir(config.output_dir), "checkpoints"),
         )
-        initial_epoch = checkpoint.restore_latest()
-    if initial_epoch:
-        print(f"Resuming from {checkpoint.latest_path} (epoch {initial_epoch})", flush=True)
+        initial_step = checkpoint.restore()
+    initial_epoch, skip_steps = divmod(initial_step, steps)
+    if initial_step:
+        say(
+            f"Resuming from {checkpoint.restored_path} (step {initial_step}: epoch "
+            f"{initial_epoch + 1}, batch {skip_steps + 1})",
+            flush=True,
+        )
 
-    run_log = cbs.RunLog(config.output_dir)
+    run_log = cbs.RunLog(role.output_dir(config.output_dir), enabled=role.is_chief)
     knn = None
     if eval_source is not None:
         evaluator = KnnEvaluator(
@@ -158,6 +181,7 @@ def run_training(config: TrainConfig, extra_callbacks: list | None = None) -> di
             num_classes=max(train_source.num_classes, eval_source.num_classes),
             k=config.knn_k,
             temperature=config.knn_temperature,
+            strategy=strategy if replicas > 1 else None,
         )
         knn = cbs.KnnEvaluation(
             evaluator,
@@ -165,43 +189,71 @@ def run_training(config: TrainConfig, extra_callbacks: list | None = None) -> di
             config.eval_every,
             config.epochs,
             config.knn_k,
-            initial_epoch=initial_epoch,
+            evaluate_at_start=initial_step == 0,
+            verbose=role.is_chief,
         )
+
+    def training_data(start_epoch: int, skip: int):
+        def make_dataset(batch_size, num_shards, shard_index):
+            return build_multicrop_dataset(
+                train_source,
+                global_crops_size=config.global_crops_size,
+                local_crops_size=config.local_crops_size,
+                global_crops_scale=config.global_crops_scale,
+                local_crops_scale=config.local_crops_scale,
+                local_crops_number=config.local_crops_number,
+                batch_size=batch_size,
+                seed=config.seed,
+                start_epoch=start_epoch,
+                skip_steps=skip,
+                num_shards=num_shards,
+                shard_index=shard_index,
+            )
+
+        return distribute_training_data(strategy, global_batch, make_dataset)
 
     start = time.time()
     if initial_epoch < config.epochs:
-        dataset = build_multicrop_dataset(
-            train_source,
-            global_crops_size=config.global_crops_size,
-            local_crops_size=config.local_crops_size,
-            global_crops_scale=config.global_crops_scale,
-            local_crops_scale=config.local_crops_scale,
-            local_crops_number=config.local_crops_number,
-            batch_size=global_batch,
-            seed=config.seed,
-            start_epoch=initial_epoch,
-        )
         callbacks = [
             cbs.TeacherMomentum(config.momentum_teacher, config.epochs * steps),
             cbs.StopOnNonFiniteLoss(steps, config.checkpoint_dir),
+            *([cbs.SaveBackups(checkpoint, config.backup_every_steps, steps)]
+              if config.backup_every_steps else []),
             *([knn] if knn else []),
-            *attention_images(config, eval_source or train_source),
+            *(attention_images(config, eval_source or train_source) if role.is_chief else []),
             cbs.EpochLog(run_log),
             cbs.SaveCheckpoints(checkpoint, config.saveckp_freq),
-            *(extra_callbacks or []),
+            *extra_callbacks,
         ]
-        trainer.fit(
-            dataset,
-            epochs=config.epochs,
-            initial_epoch=initial_epoch,
-            steps_per_epoch=steps,
+        fit_kwargs = dict(
             callbacks=callbacks,
-            verbose=config.verbose,
-            shuffle=False,  # the dataset is shuffled per epoch by the pipeline
+            verbose=config.verbose if role.is_chief else 0,
+            shuffle=False,  # the pipeline shuffles each epoch itself
         )
+        if skip_steps:
+            # The rest of the interrupted epoch, then the following epochs.
+            trainer.fit(
+                training_data(initial_epoch, skip_steps),
+                epochs=initial_epoch + 1,
+                initial_epoch=initial_epoch,
+                steps_per_epoch=steps - skip_steps,
+                **fit_kwargs,
+            )
+            initial_epoch += 1
+        if initial_epoch < config.epochs and not trainer.stop_training:
+            trainer.fit(
+                training_data(initial_epoch, 0),
+                epochs=config.epochs,
+                initial_epoch=initial_epoch,
+                steps_per_epoch=steps,
+                **fit_kwargs,
+            )
     else:
-        print(f"Training already complete ({initial_epoch} epochs in {config.checkpoint_dir})")
-    return write_summary(config, run_log, checkpoint, time.time() - start)
+        say(f"Training already complete ({initial_epoch} epochs in {config.checkpoint_dir})")
+    summary = summarize(config, run_log, checkpoint, time.time() - start)
+    if role.is_chief:
+        write_summary(config, summary)
+    return summary
 
 
 def attention_images(config: TrainConfig, source: ImageSource, count: int = 4) -> list:
@@ -220,7 +272,7 @@ def attention_images(config: TrainConfig, source: ImageSource, count: int = 4) -
     ]
 
 
-def write_summary(
+def summarize(
     config: TrainConfig, run_log: cbs.RunLog, checkpoint: TrainingCheckpoint, seconds: float
 ) -> dict:
     records = run_log.records()
@@ -240,8 +292,11 @@ def write_summary(
         "log": run_log.path,
         "tensorboard": os.path.join(config.output_dir, "tensorboard"),
     }
+    return summary
+
+
+def write_summary(config: TrainConfig, summary: dict) -> None:
     path = os.path.join(config.output_dir, "summary.json")
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
     os.replace(path + ".tmp", path)
-    return summary

@@ -102,6 +102,21 @@ def test_every_recipe_in_configs_parses_and_validates(monkeypatch):
     )
 
 
-def test_unavailable_strategy_is_refused_up_front():
+def test_unknown_strategy_is_refused_up_front():
     with pytest.raises(ConfigError, match="^--strategy"):
-        parse("--strategy=mirrored")
+        parse("--strategy=horovod")
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--cpu_replicas=2"], "cpu_replicas"),
+        (["--strategy=mirrored", "--cpu_replicas=-1"], "cpu_replicas"),
+        (["--tpu=my-tpu"], "tpu"),
+        (["--backup_every_steps=-5"], "backup_every_steps"),
+        (["--steps_per_execution=4", "--backup_every_steps=10"], "backup_every_steps"),
+    ],
+)
+def test_distribution_and_backup_flags_are_checked(args, flag):
+    with pytest.raises(ConfigError, match=f"^--{flag}"):
+        parse(*args)

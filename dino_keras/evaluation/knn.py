@@ -8,17 +8,34 @@ import numpy as np
 import tensorflow as tf
 
 
-def extract_features(backbone, dataset) -> tuple[np.ndarray, np.ndarray]:
-    """L2-normalised backbone features and labels of every (images, labels) batch."""
+def extract_features(backbone, dataset, strategy=None) -> tuple[np.ndarray, np.ndarray]:
+    """L2-normalised backbone features and labels of every (images, labels) batch.
+
+    With a multi-replica `strategy` each batch is split across the replicas (and workers) and
+    the features and labels are gathered back from all of them.
+    """
 
     @tf.function(jit_compile=True, reduce_retracing=True)
     def embed(images):
         return tf.math.l2_normalize(tf.cast(backbone(images, training=False), tf.float32), axis=-1)
 
     features, labels = [], []
-    for images, batch_labels in dataset:
-        features.append(embed(images).numpy())
-        labels.append(batch_labels.numpy())
+    if strategy is None:
+        for images, batch_labels in dataset:
+            features.append(embed(images).numpy())
+            labels.append(batch_labels.numpy())
+    else:
+
+        @tf.function
+        def embed_everywhere(batch):
+            images, batch_labels = batch
+            per_replica = strategy.run(lambda x, y: (embed(x), y), args=(images, batch_labels))
+            return tuple(strategy.gather(value, axis=0) for value in per_replica)
+
+        for batch in strategy.experimental_distribute_dataset(dataset):
+            batch_features, batch_labels = embed_everywhere(batch)
+            features.append(batch_features.numpy())
+            labels.append(batch_labels.numpy())
     if not features:
         raise ValueError("the evaluation dataset is empty")
     return np.concatenate(features), np.concatenate(labels).astype(np.int64)
@@ -70,10 +87,13 @@ class KnnEvaluator:
     num_classes: int
     k: int = 20
     temperature: float = 0.07
+    strategy: tf.distribute.Strategy | None = None  # features computed on all replicas
 
     def __call__(self, backbone) -> dict:
-        train_features, train_labels = extract_features(backbone, self.train_dataset)
-        test_features, test_labels = extract_features(backbone, self.test_dataset)
+        train_features, train_labels = extract_features(
+            backbone, self.train_dataset, self.strategy
+        )
+        test_features, test_labels = extract_features(backbone, self.test_dataset, self.strategy)
         return weighted_knn(
             train_features,
             train_labels,
