@@ -58,6 +58,11 @@ class DinoTrainer(keras.Model):
         # Student and teacher come built; saying so spares Keras a symbolic build of the crops.
         self.built = True
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras' fit under a strategy draws and all-reduces one batch to build the model
+        # symbolically; ours is built, and that reduction fails for multi-worker batches.
+        return
+
     @property
     def metrics(self):
         return list(self.trackers.values())
@@ -139,4 +144,8 @@ class DinoTrainer(keras.Model):
             teacher_temp=temperature,
             center_norm=tf.norm(self.center),
         )
+        if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+            # Keras averages multi-worker logs with strategy.reduce(..., axis=0), which needs
+            # a batch axis.
+            logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
         return logs

@@ -132,6 +132,8 @@ def run_training(config: TrainConfig, extra_callbacks: list | None = None, strat
 def _run(config: TrainConfig, strategy, role: WorkerRole, extra_callbacks: list) -> dict:
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
+        # keras-cv layers ask for the global generator, refused under determinism unless set.
+        tf.random.set_global_generator(tf.random.Generator.from_seed(config.seed))
     train_source, eval_source = resolve_sources(config)
     if role.is_chief:
         check_or_write_run_config(config)

@@ -28,6 +28,7 @@ keras-cv 0.9.0 layers checked against the reference (timed inside tf.data on thi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
@@ -200,13 +201,17 @@ def flip_horizontally(images: tf.Tensor, flip) -> tf.Tensor:
     return tf.where(_per_image(flip, images), tf.reverse(images, axis=[-2]), images)
 
 
-# float32 whatever the global Keras dtype policy (mixed_float16 would cast the crops).
-_to_grayscale = keras_cv.layers.Grayscale(output_channels=3, dtype="float32")
+@functools.cache
+def _grayscale_layer():
+    # float32 whatever the global Keras dtype policy (mixed_float16 would cast the crops).
+    # Built on first use, not at import: creating a layer starts the TensorFlow runtime, after
+    # which logical devices (--cpu_replicas) can no longer be configured.
+    return keras_cv.layers.Grayscale(output_channels=3, dtype="float32")
 
 
 def rgb_to_grayscale(images: tf.Tensor) -> tf.Tensor:
     """ITU-R 601 luma (0.2989 R + 0.587 G + 0.114 B) repeated on 3 channels."""
-    return _to_grayscale(images)
+    return _grayscale_layer()(images)
 
 
 def _luma(images: tf.Tensor) -> tf.Tensor:
