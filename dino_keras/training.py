@@ -19,7 +19,12 @@ from dino_keras.checkpointing import TrainingCheckpoint, check_or_write_run_conf
 from dino_keras.config import TrainConfig
 from dino_keras.data.multicrop import build_eval_dataset, build_multicrop_dataset, steps_per_epoch
 from dino_keras.data.sources import ImageSource, resolve_source
-from dino_keras.distribution import WorkerRole, build_strategy, distribute_training_data, worker_role
+from dino_keras.distribution import (
+    WorkerRole,
+    build_strategy,
+    distribute_training_data,
+    worker_role,
+)
 from dino_keras.evaluation.attention import AttentionImages
 from dino_keras.evaluation.knn import KnnEvaluator
 from dino_keras.loss import DinoLoss
