@@ -223,9 +223,15 @@ class SaveBackups(keras.callbacks.Callback):
         self.every = every
         self.steps_per_epoch = steps_per_epoch
 
+    def on_train_begin(self, logs=None):
+        self._previous_step = int(self.model.optimizer.iterations.numpy())
+
     def on_train_batch_end(self, batch, logs=None):
+        # With steps_per_execution > 1 the step can jump over a multiple of `every`.
         step = int(self.model.optimizer.iterations.numpy())
-        if step % self.every == 0 and step % self.steps_per_epoch:
+        crossed = step // self.every > self._previous_step // self.every
+        self._previous_step = step
+        if crossed and step % self.steps_per_epoch:
             # (at an epoch's end the epoch checkpoint is the backup)
             self.training_checkpoint.save_backup(step // self.steps_per_epoch)
 

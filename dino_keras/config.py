@@ -183,12 +183,6 @@ class TrainConfig:
             fail("cpu_replicas", f"only applies to --strategy=mirrored, not {self.strategy!r}")
         if self.tpu and self.strategy != "tpu":
             fail("tpu", f"only applies to --strategy=tpu, not {self.strategy!r}")
-        if self.backup_every_steps and self.backup_every_steps % self.steps_per_execution:
-            fail(
-                "backup_every_steps",
-                f"{self.backup_every_steps} is not a multiple of "
-                f"--steps_per_execution={self.steps_per_execution}",
-            )
         for name in (
             "out_dim",
             "head_hidden_dim",

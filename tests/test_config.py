@@ -114,7 +114,6 @@ def test_unknown_strategy_is_refused_up_front():
         (["--strategy=mirrored", "--cpu_replicas=-1"], "cpu_replicas"),
         (["--tpu=my-tpu"], "tpu"),
         (["--backup_every_steps=-5"], "backup_every_steps"),
-        (["--steps_per_execution=4", "--backup_every_steps=10"], "backup_every_steps"),
     ],
 )
 def test_distribution_and_backup_flags_are_checked(args, flag):

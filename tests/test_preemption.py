@@ -145,3 +145,36 @@ def test_non_finite_loss_names_the_step_and_keeps_the_checkpoint(tmp_path):
     assert restored.restore() == 4
     for variable in trainer.student.variables + trainer.teacher.variables:
         assert np.all(np.isfinite(variable.numpy())), variable.path
+
+
+class _FakeCheckpoint:
+    def __init__(self):
+        self.backups = []
+
+    def save_backup(self, epoch):
+        self.backups.append(epoch)
+
+
+class _FakeModel:
+    def __init__(self):
+        self.optimizer = type("Optimizer", (), {})()
+        self.optimizer.iterations = tf.Variable(0, dtype=tf.int64)
+
+
+def test_backups_follow_the_step_across_steps_per_execution():
+    from dino_keras.callbacks import SaveBackups
+
+    checkpoint, model = _FakeCheckpoint(), _FakeModel()
+    callback = SaveBackups(checkpoint, every=5, steps_per_epoch=12)
+    callback.set_model(model)
+    callback.on_train_begin()
+    saved_at = []
+    for step in (3, 6, 9, 12, 15, 18, 21, 24):  # 3 steps per execution
+        model.optimizer.iterations.assign(step)
+        before = len(checkpoint.backups)
+        callback.on_train_batch_end(0)
+        if len(checkpoint.backups) > before:
+            saved_at.append(step)
+    # Crossing 5, 10, 15, 20 -> backups at steps 6, 12 (skipped: an epoch end), 15, 21.
+    assert saved_at == [6, 15, 21]
+    assert checkpoint.backups == [0, 1, 1]
