@@ -315,14 +315,3 @@ class VisionTransformer(keras.Model):
             "seed": self.seed,
         }
 
-
-def vit_flops_per_image(
-    image_size: tuple[int, int], patch_size: int, embed_dim: int, depth: int, mlp_ratio: float = 4.0
-) -> float:
-    """Analytic forward FLOPs (2 per multiply-add) of the backbone on one image."""
-    tokens = (image_size[0] // patch_size) * (image_size[1] // patch_size) + 1
-    patch = 2 * (tokens - 1) * patch_size * patch_size * 3 * embed_dim
-    qkv_proj = 2 * tokens * embed_dim * embed_dim * 4
-    attention = 2 * 2 * tokens * tokens * embed_dim
-    mlp = 2 * 2 * tokens * embed_dim * int(embed_dim * mlp_ratio)
-    return float(patch + depth * (qkv_proj + attention + mlp))

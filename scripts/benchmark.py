@@ -1,0 +1,128 @@
+"""Benchmark of DINO training: matmul peak, compiled step, input pipeline, fit; MFU, memory.
+
+    python scripts/benchmark.py [--recipe=paper|demo] [--precision=float32|mixed_bfloat16]
+        [--cases=matmul_peak,step,pipeline,fit] [--steps=5] [--warmup=1] [--short]
+        [--output=bench.jsonl]
+
+Each case runs in its own process. Prints one JSON object per case (also written to
+--output) and then a table. `step` and `fit` need the matmul peak of the same run for their
+MFU, so `matmul_peak` runs first whenever one of them is selected. See
+`dino_keras.benchmarking` for what each case measures.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's C++ start-up chatter off the console
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+from dino_keras import benchmarking  # noqa: E402
+
+
+def define_flags(flag_values) -> None:
+    def string(name, default, help_text):
+        flags.DEFINE_string(name, default, help_text, flag_values=flag_values)
+
+    def integer(name, help_text):
+        flags.DEFINE_integer(name, None, help_text, flag_values=flag_values)
+
+    string(
+        "recipe",
+        "paper",
+        "paper: ViT-S/16, 2x224 + 8x96 crops, out_dim 65536, head 2048/256, batch 8; "
+        "demo: configs/demo.cfg.",
+    )
+    string("precision", "float32", f"One of {', '.join(benchmarking.PRECISIONS)}.")
+    flags.DEFINE_list(
+        "cases",
+        list(benchmarking.CASES),
+        f"Cases to run, from {', '.join(benchmarking.CASES)} (always in that order).",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_bool(
+        "short",
+        False,
+        "Tiny model (2 blocks, width 32, patch 4, 28/12 crops, out_dim 64, batch 8), few "
+        "steps, 16 small images, a 512 matmul: a quick check that everything runs.",
+        flag_values=flag_values,
+    )
+    integer("steps", "Measured training steps of step and fit (default 5; 3 with --short).")
+    integer(
+        "warmup",
+        "Unmeasured steps after the first, compiling call (default 1; 2 with --short).",
+    )
+    integer("pipeline_batches", "Measured batches of the pipeline case (default 40; 3 --short).")
+    integer("pipeline_warmup", "Unmeasured batches before those (default 5; 2 with --short).")
+    integer(
+        "num_images",
+        "Generated 500x375 JPEGs read by pipeline and fit (default max(128, 2 x batch); 16 "
+        "with --short).",
+    )
+    integer("matmul_size", "Side of the square matmuls of matmul_peak (default 4096; 512 --short).")
+    flags.DEFINE_float(
+        "matmul_seconds",
+        None,
+        "Minimum measured seconds per matmul variant (default 3; 0.2 with --short).",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_bool(
+        "jit_compile",
+        None,
+        "XLA-compile the training step (default: the recipe's --jit_compile, true).",
+        flag_values=flag_values,
+    )
+    string(
+        "image_dir",
+        "",
+        "Keep the generated JPEGs here and reuse them in later runs; empty: a temporary "
+        "directory, deleted at the end.",
+    )
+    string("output", "", "Also write the JSON lines to this file (overwritten).")
+    flags.DEFINE_integer("seed", 0, "Seed of the model, data and images.", flag_values=flag_values)
+
+
+def config_from_flags(flag_values) -> benchmarking.BenchmarkConfig:
+    """The parsed flags as a resolved, validated `BenchmarkConfig`."""
+    names = (
+        "recipe",
+        "precision",
+        "short",
+        "steps",
+        "warmup",
+        "pipeline_batches",
+        "pipeline_warmup",
+        "num_images",
+        "matmul_size",
+        "matmul_seconds",
+        "jit_compile",
+        "image_dir",
+        "output",
+        "seed",
+    )
+    config = benchmarking.BenchmarkConfig(
+        cases=tuple(case.strip() for case in flag_values.cases if case.strip()),
+        **{name: flag_values[name].value for name in names},
+    )
+    return config.resolved()
+
+
+def run(flag_values) -> list[dict]:
+    return benchmarking.run_benchmark(config_from_flags(flag_values))
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        run(flags.FLAGS)
+    except benchmarking.BenchmarkError as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    define_flags(flags.FLAGS)
+    app.run(main)
