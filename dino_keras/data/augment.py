@@ -288,26 +288,47 @@ def color_jitter(images: tf.Tensor, factors: tf.Tensor, order: tf.Tensor) -> tf.
     return blends(images, range(1, 4), before_hue=False)
 
 
-def _blur_matrix(sigma: tf.Tensor, size: int) -> tf.Tensor:
-    """[..., size, size]: 1-D gaussian of std `sigma` with replicated edges (as PIL's blur)."""
-    offsets = tf.range(-BLUR_RADIUS, BLUR_RADIUS + 1)
-    kernel = tf.exp(-0.5 * tf.square(tf.cast(offsets, tf.float32) / sigma[..., tf.newaxis]))
-    kernel /= tf.reduce_sum(kernel, axis=-1, keepdims=True)
-    sources = tf.clip_by_value(tf.range(size)[:, tf.newaxis] + offsets, 0, size - 1)
-    return tf.einsum("...k,oki->...oi", kernel, tf.one_hot(sources, size))
+def _blur_kernels(sigma: tf.Tensor) -> tf.Tensor:
+    """[N, 2 * BLUR_RADIUS + 1]: normalised 1-D gaussians of std `sigma` [N]."""
+    offsets = tf.cast(tf.range(-BLUR_RADIUS, BLUR_RADIUS + 1), tf.float32)
+    kernel = tf.exp(-0.5 * tf.square(offsets / sigma[:, tf.newaxis]))
+    return kernel / tf.reduce_sum(kernel, axis=-1, keepdims=True)
+
+
+def _replicate_edges(x: tf.Tensor, axis: int) -> tf.Tensor:
+    first = tf.gather(x, [0], axis=axis)
+    last = tf.gather(x, [tf.shape(x)[axis] - 1], axis=axis)
+    repeats = [BLUR_RADIUS if a == axis else 1 for a in range(4)]
+    return tf.concat([tf.tile(first, repeats), x, tf.tile(last, repeats)], axis=axis)
 
 
 def gaussian_blur(images: tf.Tensor, sigma) -> tf.Tensor:
-    """Separable gaussian blur, per-image `sigma` (PIL's GaussianBlur(radius=sigma)).
+    """Separable gaussian blur of [N, H, W, C] with per-image `sigma` [N] (PIL's
+    GaussianBlur(radius=sigma): a 1-D gaussian of radius 8, edges replicated).
 
-    As matrix products (band matrices folding the edge replication in), which batch images with
-    different sigmas and beat per-image depthwise convolutions on CPU.
+    The N images are laid side by side as the channels of one image, so that one depthwise
+    convolution per axis applies every image's own kernel (2x faster on CPU than band-matrix
+    products; XLA compiles this convolution badly, so it runs as TensorFlow ops).
     """
     sigma = tf.cast(tf.convert_to_tensor(sigma), tf.float32)
-    rows = _blur_matrix(sigma, images.shape[-3])
-    columns = _blur_matrix(sigma, images.shape[-2])
-    blurred = tf.einsum("...oh,...hwc->...owc", rows, images)
-    return tf.einsum("...pw,...owc->...opc", columns, blurred)
+    # (a convolution refuses an empty filter: no images drew the blur)
+    return tf.cond(tf.shape(images)[0] > 0, lambda: _blur(images, sigma), lambda: images)
+
+
+def _blur(images: tf.Tensor, sigma: tf.Tensor) -> tf.Tensor:
+    channels = images.shape[-1]
+    shape = tf.shape(images)
+    count, height, width = shape[0], shape[1], shape[2]
+    stacked = tf.reshape(tf.transpose(images, [1, 2, 0, 3]), [1, height, width, -1])
+    # [taps, N * C]: channel n * C + c filters with image n's kernel.
+    taps = tf.transpose(tf.repeat(_blur_kernels(sigma), channels, axis=0))
+    size = 2 * BLUR_RADIUS + 1
+    blurred = tf.nn.depthwise_conv2d(
+        _replicate_edges(stacked, 1), tf.reshape(taps, [size, 1, -1, 1]), [1, 1, 1, 1], "VALID")
+    blurred = tf.nn.depthwise_conv2d(
+        _replicate_edges(blurred, 2), tf.reshape(taps, [1, size, -1, 1]), [1, 1, 1, 1], "VALID")
+    blurred = tf.reshape(blurred, [height, width, count, channels])
+    return tf.transpose(blurred, [2, 0, 1, 3])
 
 
 def solarize(images: tf.Tensor) -> tf.Tensor:
@@ -382,7 +403,6 @@ def augment_crops(crops: tf.Tensor, decisions: CropDecisions) -> tf.Tensor:
     crops = _flip_step(crops, decisions.flip)
     jittered = color_jitter(crops, decisions.jitter_factors, decisions.jitter_order)
     crops = _jitter_and_grayscale_step(crops, jittered, decisions.jitter, decisions.grayscale)
-    # Blur only the images that draw it (at 224 px it is the costliest step); a gather and a
-    # scatter give up XLA's static shapes, so this step runs op by op.
+    # Blur only the images that draw it (at 224 px it is the costliest step).
     crops = _apply_to_rows(gaussian_blur, crops, decisions.blur, decisions.blur_sigma)
     return _solarize_and_normalize_step(crops, decisions.solarize)
