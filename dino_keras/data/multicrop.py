@@ -149,7 +149,11 @@ def build_multicrop_dataset(source: ImageSource, *, global_crops_size: int, loca
             log_warning=True)
         batches = crops.batch(batch_size, drop_remainder=True).map(
             augment_batch_of_crops, num_parallel_calls=tf.data.AUTOTUNE)
-    return batches.prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    # One thread per op inside the map functions: tf.data already runs calls in parallel, and
+    # ops splitting themselves across the same cores cost more in contention than they gain.
+    options.threading.max_intra_op_parallelism = 1
+    return batches.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
 def _eval_transform(images: tf.Tensor, image_size: int) -> tf.Tensor:
