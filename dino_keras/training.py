@@ -170,8 +170,8 @@ def _run(config: TrainConfig, strategy, role: WorkerRole, extra_callbacks: list)
     initial_epoch, skip_steps = divmod(initial_step, steps)
     if initial_step:
         say(
-            f"Resuming from {checkpoint.restored_path} (step {initial_step}: epoch "
-            f"{initial_epoch + 1}, batch {skip_steps + 1})",
+            f"Resuming from {checkpoint.restored_path} at step {initial_step} "
+            f"(epoch {initial_epoch + 1}, batch {skip_steps + 1} of {steps})",
             flush=True,
         )
 

@@ -116,7 +116,7 @@ def test_kill_inside_a_checkpoint_write_then_rerun_matches(uninterrupted, tmp_pa
     assert int(tf.train.load_variable(backup, "step/.ATTRIBUTES/VARIABLE_VALUE")) == 6
 
     result = training_process(*flags)
-    assert "step 6" in result.stdout, result.stdout
+    assert "at step 6 (epoch 1, batch 7 of 7)" in result.stdout, result.stdout
     assert_weights_equal(reference, dump, atol=1e-6)
     assert_nothing_lost(output_dir)
 

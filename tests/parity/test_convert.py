@@ -465,7 +465,9 @@ def test_train_script_resumes_a_converted_full_checkpoint(tmp_path):
         cwd=REPO,
     )
     assert trained.returncode == 0, trained.stderr[-3000:]
-    assert f"Resuming from {run / 'checkpoints' / 'latest-1'} (epoch 1)" in trained.stdout
+    # Epoch 1 complete: training continues with the first batch of epoch 2.
+    assert f"Resuming from {run / 'checkpoints' / 'latest-1'} at step " in trained.stdout
+    assert "(epoch 2, batch 1 of " in trained.stdout, trained.stdout
     with open(run / "summary.json") as f:
         assert json.load(f)["epochs_completed"] == 2
     with open(run / "log.jsonl") as f:

@@ -9,27 +9,20 @@ import sys
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "benchmark.py")
 CASES = ["matmul_peak", "step", "pipeline", "fit"]
+TRAINING_FIGURES = [
+    "images_per_second",
+    "compile_seconds",
+    "flops_per_image",
+    "gflops_per_second",
+    "achieved_tflops",
+    "mfu",
+    "peak_gflops_per_second",
+]
 FIGURES = {
     "matmul_peak": ["peak_gflops_per_second", "float32_graph_gflops_per_second"],
-    "step": [
-        "images_per_second",
-        "compile_seconds",
-        "flops_per_image",
-        "gflops_per_second",
-        "achieved_tflops",
-        "mfu",
-        "peak_gflops_per_second",
-    ],
+    "step": TRAINING_FIGURES,
     "pipeline": ["images_per_second", "first_batch_seconds"],
-    "fit": [
-        "images_per_second",
-        "compile_seconds",
-        "flops_per_image",
-        "gflops_per_second",
-        "achieved_tflops",
-        "mfu",
-        "peak_gflops_per_second",
-    ],
+    "fit": TRAINING_FIGURES,
 }
 
 
