@@ -425,21 +425,12 @@ def case_prepare_images(config: BenchmarkConfig) -> dict:
 
 
 def _multicrop_dataset(config: BenchmarkConfig, train_config: TrainConfig):
-    from dino_keras.data.multicrop import build_multicrop_dataset
     from dino_keras.data.sources import resolve_source
+    from dino_keras.training import multicrop_dataset
 
     folder = image_folder(config.image_dir, config.num_images)
     source = resolve_source(folder, "train")
-    dataset = build_multicrop_dataset(
-        source,
-        global_crops_size=train_config.global_crops_size,
-        local_crops_size=train_config.local_crops_size,
-        global_crops_scale=train_config.global_crops_scale,
-        local_crops_scale=train_config.local_crops_scale,
-        local_crops_number=train_config.local_crops_number,
-        batch_size=train_config.batch_size_per_gpu,
-        seed=train_config.seed,
-    )
+    dataset = multicrop_dataset(train_config, source, batch_size=train_config.batch_size_per_gpu)
     return dataset, source
 
 

@@ -117,6 +117,22 @@ def build_trainer(config: TrainConfig, steps: int, global_batch: int, strategy=N
     return trainer
 
 
+def multicrop_dataset(config: TrainConfig, source: ImageSource, *, batch_size: int, **position):
+    """The multi-crop pipeline with the crop flags of `config`; `position`: start_epoch,
+    skip_steps, num_shards, shard_index (see `build_multicrop_dataset`)."""
+    return build_multicrop_dataset(
+        source,
+        global_crops_size=config.global_crops_size,
+        local_crops_size=config.local_crops_size,
+        global_crops_scale=config.global_crops_scale,
+        local_crops_scale=config.local_crops_scale,
+        local_crops_number=config.local_crops_number,
+        batch_size=batch_size,
+        seed=config.seed,
+        **position,
+    )
+
+
 def run_training(config: TrainConfig, extra_callbacks: list | None = None, strategy=None) -> dict:
     """Train (or resume) as configured; returns the summary also written to summary.json.
 
@@ -202,15 +218,10 @@ def _run(config: TrainConfig, strategy, role: WorkerRole, extra_callbacks: list)
 
     def training_data(start_epoch: int, skip: int):
         def make_dataset(batch_size, num_shards, shard_index):
-            return build_multicrop_dataset(
+            return multicrop_dataset(
+                config,
                 train_source,
-                global_crops_size=config.global_crops_size,
-                local_crops_size=config.local_crops_size,
-                global_crops_scale=config.global_crops_scale,
-                local_crops_scale=config.local_crops_scale,
-                local_crops_number=config.local_crops_number,
                 batch_size=batch_size,
-                seed=config.seed,
                 start_epoch=start_epoch,
                 skip_steps=skip,
                 num_shards=num_shards,
