@@ -1,4 +1,5 @@
-"""Keras callbacks of a DINO run: teacher EMA, evaluation, logging, checkpoints, NaN stop."""
+"""Keras callbacks of a DINO run: teacher EMA, evaluation, logging, checkpoints, NaN stop,
+memory release while the step compiles."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 import keras
 import tensorflow as tf
 
+from dino_keras import memory
 from dino_keras.schedules import cosine_schedule
 
 log = logging.getLogger(__name__)
@@ -260,3 +262,21 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
                 f"loss is {loss} at step {step} (epoch {epoch + 1}, batch {in_epoch + 1}); "
                 f"training stopped. The last good checkpoint in {self.checkpoint_dir} is intact."
             )
+
+
+class ReleaseFreeMemoryWhileCompiling(keras.callbacks.Callback):
+    """Runs a `memory.FreeMemoryReleaser` from the start of each `fit` until its first batch ends
+    (the call that traces, compiles and runs the first step)."""
+
+    def __init__(self, interval: float = memory.TRIM_INTERVAL_SECONDS):
+        super().__init__()
+        self.releaser = memory.FreeMemoryReleaser(interval)
+
+    def on_train_begin(self, logs=None):
+        self.releaser.start()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.releaser.stop()
+
+    def on_train_end(self, logs=None):
+        self.releaser.stop()

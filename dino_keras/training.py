@@ -233,6 +233,7 @@ def _run(config: TrainConfig, strategy, role: WorkerRole, extra_callbacks: list)
     start = time.time()
     if initial_epoch < config.epochs:
         callbacks = [
+            cbs.ReleaseFreeMemoryWhileCompiling(),
             cbs.TeacherMomentum(config.momentum_teacher, config.epochs * steps),
             cbs.StopOnNonFiniteLoss(steps, config.checkpoint_dir),
             *([cbs.SaveBackups(checkpoint, config.backup_every_steps, steps)]

@@ -12,6 +12,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from dino_keras.models.lean_gradients import layer_norm_dense, layer_norm_gelu_mlp
 from dino_keras.models.position_embedding import (
     interpolate_position_embedding_tf,
     position_grid_resize_matrices,
@@ -70,8 +71,12 @@ class Attention(keras.layers.Layer):
         self.proj.build(input_shape[:-1] + (self.dim,))
 
     def call(self, x, return_attention=False):
-        batch, tokens = ops.shape(x)[0], ops.shape(x)[1]
-        qkv = ops.reshape(self.qkv(x), (batch, tokens, 3, self.num_heads, self.head_dim))
+        return self.attend(self.qkv(x), return_attention=return_attention)
+
+    def attend(self, qkv, return_attention=False):
+        """Attention and output projection from the qkv projection [B, T, 3 * dim]."""
+        batch, tokens = ops.shape(qkv)[0], ops.shape(qkv)[1]
+        qkv = ops.reshape(qkv, (batch, tokens, 3, self.num_heads, self.head_dim))
         qkv = ops.transpose(qkv, (2, 0, 3, 1, 4))  # [3, B, heads, T, head_dim]
         q, k, v = qkv[0], qkv[1], qkv[2]
         logits = ops.einsum("bhqd,bhkd->bhqk", q, k) * ops.cast(self.scale, q.dtype)
@@ -126,13 +131,29 @@ class TransformerBlock(keras.layers.Layer):
         self.fc2.build(input_shape[:-1] + (int(self.dim * self.mlp_ratio),))
 
     def call(self, x, training=False, return_attention=False):
-        y = self.attn(self.norm1(x), return_attention=return_attention)
+        # LayerNorm -> linear layers through `lean_gradients` (same maths, fewer activations
+        # kept for the backward pass).
+        compute_dtype = self.fc1.compute_dtype
+        qkv = layer_norm_dense(
+            x, *self._weights(self.norm1), *self._weights(self.attn.qkv, compute_dtype),
+            epsilon=self.norm1.epsilon)
+        y = self.attn.attend(qkv, return_attention=return_attention)
         if return_attention:
             y, attn = y
         x = x + self.drop_path(y, training=training)
-        y = self.fc2(keras.activations.gelu(self.fc1(self.norm2(x)), approximate=False))
+        y = layer_norm_gelu_mlp(
+            x, *self._weights(self.norm2), *self._weights(self.fc1, compute_dtype),
+            *self._weights(self.fc2, compute_dtype), epsilon=self.norm2.epsilon)
         x = x + self.drop_path(y, training=training)
         return (x, attn) if return_attention else x
+
+    @staticmethod
+    def _weights(layer, dtype="float32"):
+        """(kernel, bias) of a Dense layer or (gamma, beta) of a LayerNormalization, as tensors
+        of `dtype` (LayerNorm computes in float32)."""
+        if isinstance(layer, keras.layers.LayerNormalization):
+            return ops.cast(layer.gamma, dtype), ops.cast(layer.beta, dtype)
+        return ops.cast(layer.kernel, dtype), ops.cast(layer.bias, dtype)
 
     def get_config(self):
         return {
