@@ -1,14 +1,15 @@
 """Transformer sub-layers whose gradients keep fewer activations than automatic differentiation.
 
 Differentiated automatically, XLA keeps alive from the forward to the backward pass, in every
-block: both LayerNorm outputs, the first MLP layer's output and three pieces of the erf GELU.
-For ViT-S/16 at batch 8 in the multi-crop recipe that is 2 GB of the step's 2.9 GB of
-activations. These gradients keep only each sub-layer's input (which the residual stream keeps
-anyway), the LayerNorm statistics and the MLP pre-activation, and recompute the rest in the
-backward pass: LayerNorm and GELU are elementwise work that XLA fuses into the loops that need
-it, while every matrix product is done once, as before. Same maths as the plain layers
-(`tests/models/test_lean_gradients.py` compares both), in float32 for LayerNorm whatever the
-compute dtype, as Keras' LayerNormalization.
+block: both LayerNorm outputs, the first MLP layer's output and three pieces of the erf GELU,
+and the attention's weighted values. For ViT-S/16 at batch 8 in the multi-crop recipe that
+was 1.8 GB of the step's 2.65 GiB of activation buffers (XLA's buffer assignment). These
+gradients keep only each sub-layer's input (which the residual stream keeps anyway), the
+LayerNorm statistics, the MLP pre-activation, qkv and the attention weights, and recompute the
+rest in the backward pass: LayerNorm and GELU are elementwise work that XLA fuses into the
+loops that need it, and the one recomputed product (attention weights x values) is about 1% of
+the step's FLOPs. Same maths as the plain layers (`tests/models/test_lean_gradients.py`
+compares both); LayerNorm and softmax in float32 whatever the compute dtype, as before.
 """
 
 from __future__ import annotations
@@ -145,3 +146,57 @@ def layer_norm_gelu_mlp(x, gamma, beta, kernel1, bias1, kernel2, bias2, epsilon:
         return outputs, gradient
 
     return forward(x, gamma, beta, kernel1, bias1, kernel2, bias2)
+
+
+def attention_projection(qkv, kernel, bias, num_heads: int):
+    """Multi-head softmax attention from a fused projection qkv [B, T, 3 * D] ((3, heads,
+    head_dim) order on the last axis), then `@ kernel + bias`; keeps qkv and the attention
+    weights only (the weighted values, the output projection's input, are recomputed).
+
+    The softmax runs in float32; the attention weights are then cast to qkv's dtype.
+    """
+    dim = kernel.shape[0]
+    head_dim = dim // num_heads
+    scale = head_dim**-0.5
+
+    @tf.custom_gradient
+    def forward(qkv, kernel, bias):
+        shape = tf.shape(qkv)
+        batch, tokens = shape[0], shape[1]
+        split = tf.transpose(tf.reshape(qkv, [batch, tokens, 3, num_heads, head_dim]),
+                             [2, 0, 3, 1, 4])  # [3, B, heads, T, head_dim]
+        query, key, value = split[0], split[1], split[2]
+        logits = tf.einsum("bhqd,bhkd->bhqk", query, key) * tf.cast(scale, qkv.dtype)
+        weights = tf.cast(tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1), qkv.dtype)
+
+        def attend(weights, value):  # -> [B * T, D], the projection's input rows
+            mixed = tf.einsum("bhqk,bhkd->bqhd", weights, value)
+            return tf.reshape(mixed, [-1, dim])
+
+        outputs = tf.matmul(attend(weights, value), kernel) + bias
+        outputs = tf.reshape(outputs, [batch, tokens, kernel.shape[1]])
+
+        def gradient(output_gradient):
+            output_gradient = tf.reshape(output_gradient, [-1, kernel.shape[1]])
+            mixed = attend(_after(weights, output_gradient), value)
+            mixed_gradient = tf.matmul(output_gradient, kernel, transpose_b=True)
+            mixed_gradient = tf.transpose(
+                tf.reshape(mixed_gradient, [batch, tokens, num_heads, head_dim]), [0, 2, 1, 3])
+            weights_gradient = tf.einsum("bhqd,bhkd->bhqk", mixed_gradient, value)
+            value_gradient = tf.einsum("bhqk,bhqd->bhkd", weights, mixed_gradient)
+            weights32 = tf.cast(weights, tf.float32)
+            weights_gradient = tf.cast(weights_gradient, tf.float32)
+            logits_gradient = weights32 * (
+                weights_gradient - tf.reduce_sum(weights_gradient * weights32, -1, keepdims=True))
+            logits_gradient = tf.cast(logits_gradient, qkv.dtype) * tf.cast(scale, qkv.dtype)
+            query_gradient = tf.einsum("bhqk,bhkd->bhqd", logits_gradient, key)
+            key_gradient = tf.einsum("bhqk,bhqd->bhkd", logits_gradient, query)
+            qkv_gradient = tf.reshape(
+                tf.transpose(tf.stack([query_gradient, key_gradient, value_gradient]),
+                             [1, 3, 0, 2, 4]), shape)
+            return (qkv_gradient, tf.matmul(mixed, output_gradient, transpose_a=True),
+                    tf.reduce_sum(output_gradient, axis=0))
+
+        return outputs, gradient
+
+    return forward(qkv, kernel, bias)

@@ -12,7 +12,11 @@ import keras
 import numpy as np
 from keras import ops
 
-from dino_keras.models.lean_gradients import layer_norm_dense, layer_norm_gelu_mlp
+from dino_keras.models.lean_gradients import (
+    attention_projection,
+    layer_norm_dense,
+    layer_norm_gelu_mlp,
+)
 from dino_keras.models.position_embedding import (
     interpolate_position_embedding_tf,
     position_grid_resize_matrices,
@@ -131,15 +135,17 @@ class TransformerBlock(keras.layers.Layer):
         self.fc2.build(input_shape[:-1] + (int(self.dim * self.mlp_ratio),))
 
     def call(self, x, training=False, return_attention=False):
-        # LayerNorm -> linear layers through `lean_gradients` (same maths, fewer activations
-        # kept for the backward pass).
+        # The sub-layers through `lean_gradients` (same maths as norm1 -> attn and
+        # norm2 -> fc1 -> gelu -> fc2, fewer activations kept for the backward pass).
         compute_dtype = self.fc1.compute_dtype
         qkv = layer_norm_dense(
             x, *self._weights(self.norm1), *self._weights(self.attn.qkv, compute_dtype),
             epsilon=self.norm1.epsilon)
-        y = self.attn.attend(qkv, return_attention=return_attention)
         if return_attention:
-            y, attn = y
+            y, attn = self.attn.attend(qkv, return_attention=True)
+        else:
+            y = attention_projection(
+                qkv, *self._weights(self.attn.proj, compute_dtype), self.num_heads)
         x = x + self.drop_path(y, training=training)
         y = layer_norm_gelu_mlp(
             x, *self._weights(self.norm2), *self._weights(self.fc1, compute_dtype),

@@ -24,6 +24,18 @@ def _plain_layer_norm_gelu_mlp(x, gamma, beta, kernel1, bias1, kernel2, bias2):
     return hidden @ kernel2 + bias2
 
 
+def _plain_attention_projection(qkv, kernel, bias, num_heads=2):
+    batch, tokens = qkv.shape[0], qkv.shape[1]
+    q, k, v = tf.unstack(tf.reshape(qkv, [batch, tokens, 3, num_heads, -1]), axis=2)
+    logits = tf.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    mixed = tf.einsum("bhqk,bkhd->bqhd", tf.nn.softmax(logits, axis=-1), v)
+    return tf.reshape(mixed, [batch, tokens, -1]) @ kernel + bias
+
+
+def _lean_attention_projection(qkv, kernel, bias):
+    return lean_gradients.attention_projection(qkv, kernel, bias, num_heads=2)
+
+
 def _lean_layer_norm_dense(*args):
     return lean_gradients.layer_norm_dense(*args, epsilon=LAYER_NORM_EPSILON)
 
@@ -45,6 +57,9 @@ CASES = {
     "layer_norm_gelu_mlp": (
         _lean_layer_norm_gelu_mlp, _plain_layer_norm_gelu_mlp,
         [(2, 5, DIM), (DIM,), (DIM,), (DIM, HIDDEN), (HIDDEN,), (HIDDEN, DIM), (DIM,)]),
+    "attention_projection": (
+        _lean_attention_projection, _plain_attention_projection,
+        [(2, 5, 3 * DIM), (DIM, DIM), (DIM,)]),
 }
 
 
