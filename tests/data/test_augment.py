@@ -281,3 +281,26 @@ def test_augment_crops_with_sampled_decisions_is_the_same_eagerly_and_in_a_map(i
     assert eager.shape == images.shape and eager.dtype == np.float32
     np.testing.assert_allclose(eager, mapped, atol=1e-6)
     assert np.all(np.isfinite(eager))
+
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_crop_and_resize_equals_tf_image_resize_of_the_crop(rng, dtype):
+    """Both axes resampled by the row pass of scale_and_translate: tf.image.resize's result."""
+    image = rng.uniform(0, 1, (23, 31, 3)).astype(np.float32)
+    if dtype == np.uint8:
+        image = np.round(image * 255).astype(np.uint8)
+    scale = 255.0 if dtype == np.uint8 else 1.0
+    # (top, left, height, width, size): downsampling, upsampling, mixed, a one-pixel-high crop
+    for top, left, height, width, size in [(2, 3, 19, 27, 8), (5, 1, 7, 9, 13), (0, 0, 23, 5, 11),
+                                           (4, 6, 1, 20, 6)]:
+        crop = image[top:top + height, left:left + width]
+        expected = np.clip(np.asarray(tf.image.resize(
+            crop, [size, size], method="bicubic", antialias=True)) / scale, 0, 1)
+        # The box is a tensor argument, so the mapped function sees crops of unknown shape.
+        for result in eager_and_mapped(
+                lambda x, *box, size=size: augment.crop_and_resize(x, augment.CropBoxes(*box),
+                                                                    size),
+                image, *(np.int32(v) for v in (top, left, height, width))):
+            assert result.shape == (size, size, 3) and result.dtype == np.float32
+            np.testing.assert_allclose(result, expected, atol=1e-6)
