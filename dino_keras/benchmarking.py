@@ -89,6 +89,10 @@ class BenchmarkConfig:
     matmul_size: int | None = None
     matmul_seconds: float | None = None
     jit_compile: bool | None = None
+    # Intra-op threads of the pipeline case's process; 0: TensorFlow's default (all cores),
+    # as in training, where the step needs them. 1: a dedicated loader process, as the
+    # reference's DataLoader workers (one thread each).
+    pipeline_intra_op_threads: int = 0
     image_dir: str = ""
     output: str = ""
     seed: int = 0
@@ -131,6 +135,8 @@ class BenchmarkConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 fail(name, f"must be >= 1, got {value}")
+        if self.pipeline_intra_op_threads < 0:
+            fail("pipeline_intra_op_threads", f"must be >= 0, got {self.pipeline_intra_op_threads}")
         if self.matmul_size is not None and self.matmul_size < 16:
             fail("matmul_size", f"must be >= 16, got {self.matmul_size}")
         if self.matmul_seconds is not None and not self.matmul_seconds > 0:
@@ -438,6 +444,10 @@ def _multicrop_dataset(config: BenchmarkConfig, train_config: TrainConfig):
 
 
 def case_pipeline(config: BenchmarkConfig) -> dict:
+    import tensorflow as tf
+
+    if config.pipeline_intra_op_threads:
+        tf.config.threading.set_intra_op_parallelism_threads(config.pipeline_intra_op_threads)
     train_config = config.train_config()
     dataset, source = _multicrop_dataset(config, train_config)
     start = time.perf_counter()
@@ -455,6 +465,7 @@ def case_pipeline(config: BenchmarkConfig) -> dict:
         "images_per_second": round(images / seconds, 3),
         "first_batch_seconds": round(first_batch_seconds, 3),
         "source_images": source.num_examples,
+        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads() or "default",
     }
 
 
@@ -724,6 +735,9 @@ def format_table(records: list[dict]) -> str:
     ]
     if against_xla:
         lines.append(f"FLOP/s as a fraction of the XLA matmul: {', '.join(against_xla)}")
+    pipeline = next((r for r in records if r["case"] == "pipeline"), None)
+    if pipeline and "intra_op_threads" in pipeline:
+        lines.append(f"pipeline intra-op threads: {pipeline['intra_op_threads']}")
     rates = {r["case"]: r["images_per_second"] for r in records if "images_per_second" in r}
     if "step" in rates and "pipeline" in rates:
         slower = "step" if rates["step"] <= rates["pipeline"] else "pipeline"

@@ -75,6 +75,13 @@ def define_flags(flag_values) -> None:
         "XLA-compile the training step (default: the recipe's --jit_compile, true).",
         flag_values=flag_values,
     )
+    flags.DEFINE_integer(
+        "pipeline_intra_op_threads",
+        0,
+        "Intra-op threads of the pipeline case's process: 0 = TensorFlow's default, as in "
+        "training; 1 = a dedicated loader process, like the reference's DataLoader workers.",
+        flag_values=flag_values,
+    )
     string(
         "image_dir",
         "",
@@ -99,6 +106,7 @@ def config_from_flags(flag_values) -> benchmarking.BenchmarkConfig:
         "matmul_size",
         "matmul_seconds",
         "jit_compile",
+        "pipeline_intra_op_threads",
         "image_dir",
         "output",
         "seed",

@@ -43,6 +43,7 @@ def test_short_run_reports_every_case(tmp_path):
         f"--cases={','.join(CASES)}",
         f"--output={output}",
         f"--image_dir={tmp_path / 'images'}",
+        "--pipeline_intra_op_threads=1",
     )
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
@@ -61,6 +62,8 @@ def test_short_run_reports_every_case(tmp_path):
         if "mfu" in record:
             assert 0 < record["mfu"] < 1.5
             assert record["peak_gflops_per_second"] == records[0]["peak_gflops_per_second"]
+    # Read back from TensorFlow in the pipeline's process: the flag was applied there.
+    assert [r["intra_op_threads"] for r in records if r["case"] == "pipeline"] == [1]
     # The MFU is the achieved FLOP/s over the matmul peak of the same run.
     step = records[1]
     assert math.isclose(
@@ -78,6 +81,7 @@ def test_short_run_reports_every_case(tmp_path):
     for case in CASES:
         assert any(row.startswith(case) for row in table.splitlines()), case
     assert "Bound: " in table
+    assert "pipeline intra-op threads: 1" in table
     # The generated JPEGs stay in --image_dir for the next run.
     assert len(os.listdir(tmp_path / "images" / "jpeg_500x375_n16")) == 16
 
@@ -87,6 +91,7 @@ def test_bad_flags_are_refused_naming_the_flag():
         (["--cases=step,nope"], "--cases"),
         (["--recipe=imagenet"], "--recipe"),
         (["--short", "--steps=0"], "--steps"),
+        (["--pipeline_intra_op_threads=-1"], "--pipeline_intra_op_threads"),
     ):
         result = run_benchmark(*args)
         assert result.returncode != 0
