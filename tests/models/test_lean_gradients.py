@@ -131,3 +131,31 @@ def test_transformer_block_equals_its_plain_layers():
     y = x + block.attn(block.norm1(x))
     hidden = tf.nn.gelu(block.fc1(block.norm2(y)), approximate=False)
     np.testing.assert_allclose(block(x), y + block.fc2(hidden), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["eager", "xla"])
+def test_transformer_block_gradients_equal_those_of_its_plain_layers(mode):
+    block = TransformerBlock(DIM, num_heads=2)
+    x = _arguments(5, [(3, 7, DIM)])[0]
+    block(x)
+    for weight in block.weights:
+        weight.assign(weight + 0.1 * _arguments(6, [weight.shape])[0])
+    output_weights = _arguments(7, [(3, 7, DIM)])[0]
+
+    def plain(x):
+        y = x + block.attn(block.norm1(x))
+        return y + block.fc2(tf.nn.gelu(block.fc1(block.norm2(y)), approximate=False))
+
+    def gradients(function, x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(function(x) * output_weights)
+        return tape.gradient(loss, [x] + block.trainable_weights)
+
+    lean = gradients if mode == "eager" else tf.function(gradients, jit_compile=True)
+    got, want = lean(block, x), gradients(plain, x)
+    assert len(got) == 1 + len(block.trainable_weights) == 13
+    for index, (g, w) in enumerate(zip(got, want, strict=True)):
+        # Element-wise relative to each tensor's largest gradient: float32 rounding only.
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * float(tf.reduce_max(tf.abs(w))),
+                                   err_msg=f"gradient {index}")
