@@ -77,6 +77,32 @@ def _gelu_and_derivative(x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return x * cdf, cdf + x * _INV_SQRT_2PI * tf.exp(-0.5 * tf.square(x))
 
 
+def _layer_norm_dense(x, gamma, beta, kernel, bias, epsilon: float):
+    """Forward of LayerNorm(x) @ kernel + bias on rows: (rows, mean, inverse_std, outputs)."""
+    rows = tf.cast(_rows(x), tf.float32)
+    mean, inverse_std = _layer_norm_statistics(rows, epsilon)
+    normalized = tf.cast(_apply_layer_norm(rows, mean, inverse_std, gamma, beta), kernel.dtype)
+    return rows, mean, inverse_std, tf.matmul(normalized, kernel) + bias
+
+
+def _layer_norm_dense_gradients(x, rows, mean, inverse_std, gamma, beta, kernel,
+                                dense_gradient, signal):
+    """(x, gamma, beta, kernel, bias) gradients of `_layer_norm_dense` given its outputs'
+    gradient `dense_gradient`; the LayerNorm output is recomputed after `signal`."""
+    normalized = tf.cast(_apply_layer_norm(
+        _after(rows, signal), mean, inverse_std, gamma, beta), kernel.dtype)
+    normalized_gradient = tf.matmul(dense_gradient, kernel, transpose_b=True)
+    inputs_gradient, gamma_gradient, beta_gradient = _layer_norm_backward(
+        rows, mean, inverse_std, gamma, tf.cast(normalized_gradient, tf.float32))
+    return (
+        tf.cast(_like_rows(inputs_gradient, x), x.dtype),
+        gamma_gradient,
+        beta_gradient,
+        tf.matmul(normalized, dense_gradient, transpose_a=True),
+        tf.reduce_sum(dense_gradient, axis=0),
+    )
+
+
 def layer_norm_dense(x, gamma, beta, kernel, bias, epsilon: float):
     """LayerNorm(x) @ kernel + bias over the last axis; keeps x and the statistics only.
 
@@ -85,27 +111,15 @@ def layer_norm_dense(x, gamma, beta, kernel, bias, epsilon: float):
 
     @tf.custom_gradient
     def forward(x, gamma, beta, kernel, bias):
-        rows = tf.cast(_rows(x), tf.float32)
-        mean, inverse_std = _layer_norm_statistics(rows, epsilon)
-        normalized = tf.cast(_apply_layer_norm(rows, mean, inverse_std, gamma, beta), kernel.dtype)
-        outputs = _like_rows(tf.matmul(normalized, kernel) + bias, x)
+        rows, mean, inverse_std, outputs = _layer_norm_dense(x, gamma, beta, kernel, bias,
+                                                             epsilon)
 
         def gradient(output_gradient):
             output_gradient = _rows(output_gradient)
-            normalized = tf.cast(_apply_layer_norm(
-                _after(rows, output_gradient), mean, inverse_std, gamma, beta), kernel.dtype)
-            normalized_gradient = tf.matmul(output_gradient, kernel, transpose_b=True)
-            inputs_gradient, gamma_gradient, beta_gradient = _layer_norm_backward(
-                rows, mean, inverse_std, gamma, tf.cast(normalized_gradient, tf.float32))
-            return (
-                tf.cast(_like_rows(inputs_gradient, x), x.dtype),
-                gamma_gradient,
-                beta_gradient,
-                tf.matmul(normalized, output_gradient, transpose_a=True),
-                tf.reduce_sum(output_gradient, axis=0),
-            )
+            return _layer_norm_dense_gradients(x, rows, mean, inverse_std, gamma, beta, kernel,
+                                               output_gradient, signal=output_gradient)
 
-        return outputs, gradient
+        return _like_rows(outputs, x), gradient
 
     return forward(x, gamma, beta, kernel, bias)
 
@@ -116,11 +130,8 @@ def layer_norm_gelu_mlp(x, gamma, beta, kernel1, bias1, kernel2, bias2, epsilon:
 
     @tf.custom_gradient
     def forward(x, gamma, beta, kernel1, bias1, kernel2, bias2):
-        rows = tf.cast(_rows(x), tf.float32)
-        mean, inverse_std = _layer_norm_statistics(rows, epsilon)
-        normalized = tf.cast(
-            _apply_layer_norm(rows, mean, inverse_std, gamma, beta), kernel1.dtype)
-        preactivation = tf.matmul(normalized, kernel1) + bias1
+        rows, mean, inverse_std, preactivation = _layer_norm_dense(
+            x, gamma, beta, kernel1, bias1, epsilon)
         outputs = _like_rows(tf.matmul(_gelu(preactivation), kernel2) + bias2, x)
 
         def gradient(output_gradient):
@@ -129,17 +140,10 @@ def layer_norm_gelu_mlp(x, gamma, beta, kernel1, bias1, kernel2, bias2, epsilon:
                 _after(preactivation, output_gradient))
             preactivation_gradient = (
                 tf.matmul(output_gradient, kernel2, transpose_b=True) * derivative)
-            normalized = tf.cast(_apply_layer_norm(
-                _after(rows, output_gradient), mean, inverse_std, gamma, beta), kernel1.dtype)
-            normalized_gradient = tf.matmul(preactivation_gradient, kernel1, transpose_b=True)
-            inputs_gradient, gamma_gradient, beta_gradient = _layer_norm_backward(
-                rows, mean, inverse_std, gamma, tf.cast(normalized_gradient, tf.float32))
-            return (
-                tf.cast(_like_rows(inputs_gradient, x), x.dtype),
-                gamma_gradient,
-                beta_gradient,
-                tf.matmul(normalized, preactivation_gradient, transpose_a=True),
-                tf.reduce_sum(preactivation_gradient, axis=0),
+            first_layer = _layer_norm_dense_gradients(
+                x, rows, mean, inverse_std, gamma, beta, kernel1, preactivation_gradient,
+                signal=output_gradient)
+            return first_layer + (
                 tf.matmul(activation, output_gradient, transpose_a=True),
                 tf.reduce_sum(output_gradient, axis=0),
             )
