@@ -4,13 +4,13 @@ Differentiated automatically, XLA keeps alive from the forward to the backward p
 block: both LayerNorm outputs, the first MLP layer's output and three pieces of the erf GELU,
 and the attention's weighted values. With these gradients instead, the XLA temporary buffer of
 the ViT-S/16 step at batch 8 in the multi-crop recipe shrinks from 2.65 to 1.25 GiB (XLA's
-buffer assignment; `--xla_dump_to`). These
-gradients keep only each sub-layer's input (which the residual stream keeps anyway), the
-LayerNorm statistics, the MLP pre-activation, qkv and the attention weights, and recompute the
-rest in the backward pass: LayerNorm and GELU are elementwise work that XLA fuses into the
-loops that need it, and the one recomputed product (attention weights x values) is about 1% of
-the step's FLOPs. Same maths as the plain layers (`tests/models/test_lean_gradients.py`
-compares both); LayerNorm and softmax in float32 whatever the compute dtype, as before.
+buffer assignment; `--xla_dump_to`). These gradients keep only each sub-layer's input (which
+the residual stream keeps anyway), the LayerNorm statistics, the MLP pre-activation, qkv and
+the attention weights, and recompute the rest in the backward pass: LayerNorm and GELU are
+elementwise work that XLA fuses into the loops that need it, and the one recomputed product
+(attention weights x values) is about 1% of the step's FLOPs. Same maths as the plain layers
+(`tests/models/test_lean_gradients.py` compares both); LayerNorm and softmax in float32
+whatever the compute dtype, as before.
 """
 
 from __future__ import annotations
@@ -67,13 +67,17 @@ def _layer_norm_backward(rows, mean, inverse_std, gamma, output_gradient):
     return inputs_gradient, gamma_gradient, beta_gradient
 
 
+def _normal_cdf(x: tf.Tensor) -> tf.Tensor:
+    return 0.5 * (1.0 + tf.math.erf(x * _INV_SQRT2))
+
+
 def _gelu(x: tf.Tensor) -> tf.Tensor:
-    """Exact GELU, 0.5 x (1 + erf(x / sqrt 2)), as torch.nn.GELU() and Keras' gelu."""
-    return 0.5 * x * (1.0 + tf.math.erf(x * _INV_SQRT2))
+    """Exact GELU, x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)), as torch.nn.GELU() and Keras'."""
+    return x * _normal_cdf(x)
 
 
 def _gelu_and_derivative(x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    cdf = 0.5 * (1.0 + tf.math.erf(x * _INV_SQRT2))
+    cdf = _normal_cdf(x)
     return x * cdf, cdf + x * _INV_SQRT_2PI * tf.exp(-0.5 * tf.square(x))
 
 
@@ -153,13 +157,33 @@ def layer_norm_gelu_mlp(x, gamma, beta, kernel1, bias1, kernel2, bias2, epsilon:
     return forward(x, gamma, beta, kernel1, bias1, kernel2, bias2)
 
 
-def attention_projection(qkv, kernel, bias, num_heads: int):
-    """Multi-head softmax attention from a fused projection qkv [B, T, 3 * D] ((3, heads,
-    head_dim) order on the last axis), then `@ kernel + bias`; keeps qkv and the attention
-    weights only (the weighted values, the output projection's input, are recomputed).
+def attention_weights(qkv, num_heads: int):
+    """(query, key, value [B, heads, T, head_dim], softmax attention weights [B, heads, T, T])
+    from a fused projection qkv [B, T, 3 * D] ((3, heads, head_dim) order on the last axis).
 
-    The softmax runs in float32; the attention weights are then cast to qkv's dtype.
+    The softmax runs in float32; the weights are then cast to qkv's dtype.
     """
+    shape = tf.shape(qkv)
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    split = tf.transpose(tf.reshape(qkv, [shape[0], shape[1], 3, num_heads, head_dim]),
+                         [2, 0, 3, 1, 4])  # [3, B, heads, T, head_dim]
+    query, key, value = split[0], split[1], split[2]
+    logits = tf.einsum("bhqd,bhkd->bhqk", query, key) * tf.cast(head_dim**-0.5, qkv.dtype)
+    weights = tf.cast(tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1), qkv.dtype)
+    return query, key, value, weights
+
+
+def attend(weights, value):
+    """Attention-weighted values [B, heads, T, head_dim] -> [B, T, D] (heads concatenated)."""
+    mixed = tf.einsum("bhqk,bhkd->bqhd", weights, value)
+    shape = tf.shape(mixed)
+    return tf.reshape(mixed, [shape[0], shape[1], mixed.shape[2] * mixed.shape[3]])
+
+
+def attention_projection(qkv, kernel, bias, num_heads: int):
+    """`attend(*attention_weights(qkv)) @ kernel + bias` (see `attention_weights`); keeps qkv and
+    the attention weights only (the weighted values, the output projection's input, are
+    recomputed)."""
     dim = kernel.shape[0]
     head_dim = dim // num_heads
     scale = head_dim**-0.5
@@ -168,22 +192,13 @@ def attention_projection(qkv, kernel, bias, num_heads: int):
     def forward(qkv, kernel, bias):
         shape = tf.shape(qkv)
         batch, tokens = shape[0], shape[1]
-        split = tf.transpose(tf.reshape(qkv, [batch, tokens, 3, num_heads, head_dim]),
-                             [2, 0, 3, 1, 4])  # [3, B, heads, T, head_dim]
-        query, key, value = split[0], split[1], split[2]
-        logits = tf.einsum("bhqd,bhkd->bhqk", query, key) * tf.cast(scale, qkv.dtype)
-        weights = tf.cast(tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1), qkv.dtype)
+        query, key, value, weights = attention_weights(qkv, num_heads)
 
-        def attend(weights, value):  # -> [B * T, D], the projection's input rows
-            mixed = tf.einsum("bhqk,bhkd->bqhd", weights, value)
-            return tf.reshape(mixed, [-1, dim])
-
-        outputs = tf.matmul(attend(weights, value), kernel) + bias
-        outputs = tf.reshape(outputs, [batch, tokens, kernel.shape[1]])
+        outputs = _like_rows(tf.matmul(_rows(attend(weights, value)), kernel) + bias, qkv)
 
         def gradient(output_gradient):
-            output_gradient = tf.reshape(output_gradient, [-1, kernel.shape[1]])
-            mixed = attend(_after(weights, output_gradient), value)
+            output_gradient = _rows(output_gradient)
+            mixed = _rows(attend(_after(weights, output_gradient), value))
             mixed_gradient = tf.matmul(output_gradient, kernel, transpose_b=True)
             mixed_gradient = tf.transpose(
                 tf.reshape(mixed_gradient, [batch, tokens, num_heads, head_dim]), [0, 2, 1, 3])

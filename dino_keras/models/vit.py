@@ -13,7 +13,9 @@ import numpy as np
 from keras import ops
 
 from dino_keras.models.lean_gradients import (
+    attend,
     attention_projection,
+    attention_weights,
     layer_norm_dense,
     layer_norm_gelu_mlp,
 )
@@ -29,6 +31,16 @@ def _trunc_normal(stddev: float = 0.02):
     # The reference truncates at +-2 absolute, which is 100 standard deviations here: in effect
     # an untruncated normal (Keras' TruncatedNormal would cut at 2 standard deviations).
     return keras.initializers.RandomNormal(stddev=stddev)
+
+
+def dense_tensors(layer: keras.layers.Dense, dtype):
+    """A Dense layer's (kernel, bias) as tensors of `dtype`, for `lean_gradients`."""
+    return ops.cast(layer.kernel, dtype), ops.cast(layer.bias, dtype)
+
+
+def layer_norm_tensors(layer: keras.layers.LayerNormalization):
+    """A LayerNormalization's (gamma, beta) as float32 tensors (LayerNorm computes in float32)."""
+    return ops.cast(layer.gamma, "float32"), ops.cast(layer.beta, "float32")
 
 
 @keras.saving.register_keras_serializable("dino_keras")
@@ -64,8 +76,6 @@ class Attention(keras.layers.Layer):
         self.dim = dim
         self.num_heads = num_heads
         self.qkv_bias = qkv_bias
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim**-0.5
         init = dict(kernel_initializer=_trunc_normal(), bias_initializer="zeros")
         self.qkv = keras.layers.Dense(3 * dim, use_bias=qkv_bias, name="qkv", **init)
         self.proj = keras.layers.Dense(dim, name="proj", **init)
@@ -78,17 +88,13 @@ class Attention(keras.layers.Layer):
         return self.attend(self.qkv(x), return_attention=return_attention)
 
     def attend(self, qkv, return_attention=False):
-        """Attention and output projection from the qkv projection [B, T, 3 * dim]."""
-        batch, tokens = ops.shape(qkv)[0], ops.shape(qkv)[1]
-        qkv = ops.reshape(qkv, (batch, tokens, 3, self.num_heads, self.head_dim))
-        qkv = ops.transpose(qkv, (2, 0, 3, 1, 4))  # [3, B, heads, T, head_dim]
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        logits = ops.einsum("bhqd,bhkd->bhqk", q, k) * ops.cast(self.scale, q.dtype)
-        # Softmax in float32 so that mixed precision does not change the attention weights.
-        attn = ops.cast(ops.softmax(ops.cast(logits, "float32"), axis=-1), v.dtype)
-        out = ops.einsum("bhqk,bhkd->bqhd", attn, v)
-        out = self.proj(ops.reshape(out, (batch, tokens, self.dim)))
-        return (out, attn) if return_attention else out
+        """Attention and output projection from the qkv projection [B, T, 3 * dim]; trained
+        through `lean_gradients.attention_projection` (same maths, fewer activations kept)."""
+        if not return_attention:
+            return attention_projection(
+                qkv, *dense_tensors(self.proj, self.proj.compute_dtype), self.num_heads)
+        _, _, value, attn = attention_weights(qkv, self.num_heads)
+        return self.proj(attend(attn, value)), attn
 
     def get_config(self):
         return {
@@ -139,27 +145,17 @@ class TransformerBlock(keras.layers.Layer):
         # norm2 -> fc1 -> gelu -> fc2, fewer activations kept for the backward pass).
         compute_dtype = self.fc1.compute_dtype
         qkv = layer_norm_dense(
-            x, *self._weights(self.norm1), *self._weights(self.attn.qkv, compute_dtype),
+            x, *layer_norm_tensors(self.norm1), *dense_tensors(self.attn.qkv, compute_dtype),
             epsilon=self.norm1.epsilon)
+        y = self.attn.attend(qkv, return_attention=return_attention)
         if return_attention:
-            y, attn = self.attn.attend(qkv, return_attention=True)
-        else:
-            y = attention_projection(
-                qkv, *self._weights(self.attn.proj, compute_dtype), self.num_heads)
+            y, attn = y
         x = x + self.drop_path(y, training=training)
         y = layer_norm_gelu_mlp(
-            x, *self._weights(self.norm2), *self._weights(self.fc1, compute_dtype),
-            *self._weights(self.fc2, compute_dtype), epsilon=self.norm2.epsilon)
+            x, *layer_norm_tensors(self.norm2), *dense_tensors(self.fc1, compute_dtype),
+            *dense_tensors(self.fc2, compute_dtype), epsilon=self.norm2.epsilon)
         x = x + self.drop_path(y, training=training)
         return (x, attn) if return_attention else x
-
-    @staticmethod
-    def _weights(layer, dtype="float32"):
-        """(kernel, bias) of a Dense layer or (gamma, beta) of a LayerNormalization, as tensors
-        of `dtype` (LayerNorm computes in float32)."""
-        if isinstance(layer, keras.layers.LayerNormalization):
-            return ops.cast(layer.gamma, dtype), ops.cast(layer.beta, dtype)
-        return ops.cast(layer.kernel, dtype), ops.cast(layer.bias, dtype)
 
     def get_config(self):
         return {

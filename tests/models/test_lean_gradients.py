@@ -122,13 +122,18 @@ def test_recomputation_is_not_merged_with_the_forward_pass():
     assert np.isnan(kernel_gradient(poisoned).numpy()).all()
 
 
+def _plain_attention(block, x):
+    # The attention-returning path: plain ops, differentiated automatically.
+    return block.attn.attend(block.attn.qkv(x), return_attention=True)[0]
+
+
 def test_transformer_block_equals_its_plain_layers():
     block = TransformerBlock(DIM, num_heads=2)
     x = _arguments(3, [(2, 5, DIM)])[0]
     block(x)
     for weight in block.weights:  # away from the initial ones and zeros
         weight.assign(weight + 0.1 * _arguments(4, [weight.shape])[0])
-    y = x + block.attn(block.norm1(x))
+    y = x + _plain_attention(block, block.norm1(x))
     hidden = tf.nn.gelu(block.fc1(block.norm2(y)), approximate=False)
     np.testing.assert_allclose(block(x), y + block.fc2(hidden), rtol=1e-5, atol=1e-5)
 
@@ -143,7 +148,7 @@ def test_transformer_block_gradients_equal_those_of_its_plain_layers(mode):
     output_weights = _arguments(7, [(3, 7, DIM)])[0]
 
     def plain(x):
-        y = x + block.attn(block.norm1(x))
+        y = x + _plain_attention(block, block.norm1(x))
         return y + block.fc2(tf.nn.gelu(block.fc1(block.norm2(y)), approximate=False))
 
     def gradients(function, x):
