@@ -91,6 +91,11 @@ class TrainConfig:
     )
     tfds_data_dir: str = _field("", "TFDS data directory for 'tfds:' data paths.")
     limit_images: int = _field(0, "Use only the first N training images; 0 uses all.")
+    num_workers: int = _field(
+        0,
+        "Loader processes making the multi-crop batches, one core each (the reference's "
+        "DataLoader workers); the same batches as 0, which makes them in the training process.",
+    )
     # Output and run control.
     output_dir: str = _field("runs/dino", "Checkpoints, logs, TensorBoard events and exports.")
     saveckp_freq: int = _field(20, "Keep a numbered checkpoint every N epochs.")
@@ -216,6 +221,7 @@ class TrainConfig:
             "drop_path_rate",
             "cpu_replicas",
             "backup_every_steps",
+            "num_workers",
         ):
             if getattr(self, name) < 0:
                 fail(name, f"must be >= 0, got {getattr(self, name)}")

@@ -17,6 +17,7 @@ import tensorflow as tf
 from dino_keras import callbacks as cbs
 from dino_keras.checkpointing import TrainingCheckpoint, check_or_write_run_config
 from dino_keras.config import TrainConfig
+from dino_keras.data.loader_processes import multicrop_dataset_from_processes
 from dino_keras.data.multicrop import build_eval_dataset, build_multicrop_dataset, steps_per_epoch
 from dino_keras.data.sources import ImageSource, resolve_source
 from dino_keras.distribution import (
@@ -118,19 +119,22 @@ def build_trainer(config: TrainConfig, steps: int, global_batch: int, strategy=N
 
 
 def multicrop_dataset(config: TrainConfig, source: ImageSource, *, batch_size: int, **position):
-    """The multi-crop pipeline with the crop flags of `config`; `position`: start_epoch,
-    skip_steps, num_shards, shard_index (see `build_multicrop_dataset`)."""
-    return build_multicrop_dataset(
-        source,
+    """The multi-crop pipeline with the crop flags of `config`, made in the training process or
+    by `--num_workers` loader processes; `position`: start_epoch, skip_steps, num_shards,
+    shard_index (see `build_multicrop_dataset`)."""
+    pipeline = dict(
         global_crops_size=config.global_crops_size,
         local_crops_size=config.local_crops_size,
-        global_crops_scale=config.global_crops_scale,
-        local_crops_scale=config.local_crops_scale,
+        global_crops_scale=tuple(config.global_crops_scale),
+        local_crops_scale=tuple(config.local_crops_scale),
         local_crops_number=config.local_crops_number,
         batch_size=batch_size,
         seed=config.seed,
         **position,
     )
+    if config.num_workers:
+        return multicrop_dataset_from_processes(source, config.num_workers, **pipeline)
+    return build_multicrop_dataset(source, **pipeline)
 
 
 def run_training(config: TrainConfig, extra_callbacks: list | None = None, strategy=None) -> dict:

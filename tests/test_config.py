@@ -114,8 +114,9 @@ def test_unknown_strategy_is_refused_up_front():
         (["--strategy=mirrored", "--cpu_replicas=-1"], "cpu_replicas"),
         (["--tpu=my-tpu"], "tpu"),
         (["--backup_every_steps=-5"], "backup_every_steps"),
+        (["--num_workers=-1"], "num_workers"),
     ],
 )
-def test_distribution_and_backup_flags_are_checked(args, flag):
+def test_distribution_backup_and_loader_flags_are_checked(args, flag):
     with pytest.raises(ConfigError, match=f"^--{flag}"):
         parse(*args)

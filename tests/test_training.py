@@ -151,6 +151,17 @@ def test_image_folder_with_non_image_and_corrupt_files_trains(tmp_path):
     assert summary["knn_top1_final"] is None  # no separate test split: k-NN disabled
 
 
+def test_loader_processes_train_the_same_weights(tmp_path):
+    for num_workers in (0, 2):
+        run_training(run_config(tmp_path / str(num_workers), epochs=1, num_workers=num_workers))
+    in_process, from_processes = final_weights(tmp_path / "0" / "run"), final_weights(
+        tmp_path / "2" / "run")
+    assert in_process.keys() == from_processes.keys() and len(in_process) > 100
+    for name in in_process:
+        np.testing.assert_allclose(from_processes[name], in_process[name], rtol=1e-6, atol=1e-7,
+                                   err_msg=name)
+
+
 def test_script_reports_bad_flag_and_exits_nonzero(tmp_path):
     result = subprocess.run(
         [

@@ -78,18 +78,30 @@ def build_multicrop_dataset(source: ImageSource, *, global_crops_size: int, loca
                             global_crops_scale: tuple[float, float],
                             local_crops_scale: tuple[float, float], local_crops_number: int,
                             batch_size: int, seed: int, start_epoch: int = 0, skip_steps: int = 0,
-                            num_shards: int = 1, shard_index: int = 0) -> tf.data.Dataset:
+                            num_shards: int = 1, shard_index: int = 0, batch_shards: int = 1,
+                            batch_shard_index: int = 0) -> tf.data.Dataset:
     """Endless batches (global_1, global_2, local_1, ..., local_N) of normalised float32 crops.
 
     Globals are [batch_size, G, G, 3], locals [batch_size, L, L, 3]. The stream starts at
     `start_epoch`, skipping its first `skip_steps` batches; each epoch has exactly
     `steps_per_epoch(source.num_examples // num_shards, batch_size)` batches.
+
+    `batch_shards` > 1 keeps only batches batch_shard_index, batch_shard_index + batch_shards,
+    ... of that stream, chosen before any image is read: loader processes that each make one
+    such share give, read in turn, the same batches as one process making them all (unless an
+    image fails to decode: the batches of that share then shift by one image).
     """
     if local_crops_number < 0:
         raise ValueError(f"--local_crops_number must be >= 0, got {local_crops_number}")
+    if not 0 <= batch_shard_index < batch_shards:
+        raise ValueError(
+            f"batch_shard_index {batch_shard_index} is not in [0, batch_shards={batch_shards})")
     indices = training_index_stream(source.num_examples, batch_size=batch_size, seed=seed,
                                     start_epoch=start_epoch, skip_steps=skip_steps,
                                     num_shards=num_shards, shard_index=shard_index)
+    batched_indices = indices.batch(batch_size, drop_remainder=True)
+    if batch_shards > 1:
+        batched_indices = batched_indices.shard(batch_shards, batch_shard_index)
     crop_kinds = [(global_crops_scale, 2, global_crops_size)]
     if local_crops_number:
         crop_kinds.append((local_crops_scale, local_crops_number, local_crops_size))
@@ -141,12 +153,11 @@ def build_multicrop_dataset(source: ImageSource, *, global_crops_size: int, loca
                              [tf.concat(crops, axis=0) for crops in crops_per_kind])
 
     if source.image_shape is not None:
-        batches = indices.batch(batch_size, drop_remainder=True).map(
-            crop_batch_of_images, num_parallel_calls=tf.data.AUTOTUNE)
+        batches = batched_indices.map(crop_batch_of_images, num_parallel_calls=tf.data.AUTOTUNE)
     else:
         # ignore_errors: see the sources module docstring on images that fail to decode.
-        crops = indices.map(crop_one_image, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(
-            log_warning=True)
+        crops = batched_indices.unbatch().map(
+            crop_one_image, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True)
         batches = crops.batch(batch_size, drop_remainder=True).map(
             augment_batch_of_crops, num_parallel_calls=tf.data.AUTOTUNE)
     options = tf.data.Options()

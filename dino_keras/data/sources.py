@@ -81,6 +81,9 @@ class ImageSource:
     num_classes: int | None
     read_example: ReadExample = dataclasses.field(repr=False, compare=False)
     image_shape: tuple[int, int] | None = None
+    # The `resolve_source` arguments that made it, so that another process (a loader process,
+    # see `loader_processes`) can open the same source; None for sources made otherwise.
+    origin: dict | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def dataset(self) -> tf.data.Dataset:
         """(image uint8 [H, W, 3], label int64) for every example, in the fixed order."""
@@ -106,7 +109,9 @@ def resolve_source(data_path: str, split: str = "train", *, tfds_data_dir: str |
     if limit_images is not None and limit_images < source.num_examples:
         # The name stays: it says which data set and split this is, whatever the count.
         source = dataclasses.replace(source, num_examples=limit_images)
-    return source
+    origin = dict(data_path=data_path, split=split, tfds_data_dir=tfds_data_dir,
+                  limit_images=limit_images, flag_name=flag_name)
+    return dataclasses.replace(source, origin=origin)
 
 
 def _resolve(data_path: str, split: str, tfds_data_dir: str | None, flag_name: str) -> ImageSource:

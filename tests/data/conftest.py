@@ -16,6 +16,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from dino_keras.data.sources import resolve_source
+
 
 def encode_image(array: np.ndarray, image_format: str = "PNG") -> bytes:
     buffer = io.BytesIO()
@@ -72,6 +74,21 @@ def idx_folder(tmp_path):
     write_idx(tmp_path / "idx", "train", train, np.arange(40) % 4)
     write_idx(tmp_path / "idx", "t10k", test, np.arange(10) % 4)
     return tmp_path / "idx", train, test
+
+
+@pytest.fixture
+def idx_source(idx_folder):
+    """40 same-size images held in memory: the batched cropping path."""
+    return resolve_source(str(idx_folder[0]))
+
+
+@pytest.fixture
+def file_source(tmp_path, rng, write_image, random_image):
+    """14 PNG files of different sizes (3 steps of 4 per epoch): the per-image cropping path."""
+    for i in range(14):
+        write_image(tmp_path / "files" / f"c{i % 2}" / f"{i}.png",
+                    random_image(rng, 20 + i, 30 - i))
+    return resolve_source(str(tmp_path / "files"))
 
 
 @pytest.fixture(name="encode_image")

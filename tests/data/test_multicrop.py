@@ -9,26 +9,10 @@ import pytest
 from PIL import Image
 
 from dino_keras.data import augment, multicrop
-from dino_keras.data.sources import ImageSource, resolve_source
 
 GLOBAL_SIZE, LOCAL_SIZE, BATCH = 16, 8, 4
 CROPS = dict(global_crops_size=GLOBAL_SIZE, local_crops_size=LOCAL_SIZE,
              global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4), local_crops_number=3)
-
-
-@pytest.fixture
-def idx_source(idx_folder) -> ImageSource:
-    """40 same-size images held in memory: the batched cropping path."""
-    return resolve_source(str(idx_folder[0]))
-
-
-@pytest.fixture
-def file_source(tmp_path, rng, write_image, random_image) -> ImageSource:
-    """14 PNG files of different sizes (3 steps of 4 per epoch): the per-image cropping path."""
-    for i in range(14):
-        write_image(tmp_path / "files" / f"c{i % 2}" / f"{i}.png",
-                    random_image(rng, 20 + i, 30 - i))
-    return resolve_source(str(tmp_path / "files"))
 
 
 def take(dataset, count: int) -> list[tuple[np.ndarray, ...]]:
@@ -129,6 +113,19 @@ def test_shards_read_disjoint_examples_and_the_same_number_of_steps():
             assert not a & b
     with pytest.raises(ValueError, match="shard_index"):
         multicrop.training_index_stream(40, batch_size=4, seed=0, num_shards=2, shard_index=2)
+
+
+@pytest.mark.parametrize("source_name", ["idx_source", "file_source"])
+def test_batch_shards_read_in_turn_are_the_whole_stream(request, source_name):
+    source = request.getfixturevalue(source_name)
+    settings = dict(batch_size=BATCH, seed=4, start_epoch=1, skip_steps=1, **CROPS)
+    whole = take(multicrop.build_multicrop_dataset(source, **settings), 7)
+    shares = [take(multicrop.build_multicrop_dataset(source, batch_shards=3,
+                                                     batch_shard_index=index, **settings), 3)
+              for index in range(3)]
+    assert_same_batches([shares[t % 3][t // 3] for t in range(7)], whole)
+    with pytest.raises(ValueError, match="batch_shard_index"):
+        multicrop.build_multicrop_dataset(source, batch_shards=2, batch_shard_index=2, **settings)
 
 
 def test_sharded_multicrop_streams_differ(idx_source):
