@@ -10,8 +10,8 @@ a table. The cases, run in this order:
 * `step`: the compiled training step alone on crops already in memory: the trainer, optimiser
   and teacher EMA built by `dino_keras.training.build_trainer` and `TeacherMomentum`, as
   training builds them.
-* `pipeline`: the `tf.data` multi-crop pipeline alone, reading a folder of generated 500x375
-  JPEGs.
+* `pipeline`: the multi-crop pipeline alone, reading a folder of generated 500x375 JPEGs:
+  made by `--num_workers` loader processes, or by `tf.data` in the case's process with 0.
 * `fit`: `trainer.fit` on that pipeline: both together.
 
 The parent process never imports TensorFlow: it only starts the cases
@@ -46,8 +46,10 @@ PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_FLAGFILE = os.path.join(PACKAGE_ROOT, "configs", "demo.cfg")
 
 # Defaults of the full run and of --short (steps, warmup, pipeline_batches, pipeline_warmup,
-# num_images, matmul_size, matmul_seconds).
+# num_images, matmul_size, matmul_seconds, num_workers). The full run's 2 loader processes are
+# the reference's 2 DataLoader workers.
 _FULL_DEFAULTS = dict(
+    num_workers=2,
     steps=5,
     warmup=1,
     pipeline_batches=40,
@@ -57,6 +59,7 @@ _FULL_DEFAULTS = dict(
     matmul_seconds=3.0,
 )
 _SHORT_DEFAULTS = dict(
+    num_workers=1,
     steps=3,
     warmup=2,
     pipeline_batches=3,
@@ -89,10 +92,8 @@ class BenchmarkConfig:
     matmul_size: int | None = None
     matmul_seconds: float | None = None
     jit_compile: bool | None = None
-    # Intra-op threads of the pipeline case's process; 0: TensorFlow's default (all cores),
-    # as in training, where the step needs them. 1: a dedicated loader process, as the
-    # reference's DataLoader workers (one thread each).
-    pipeline_intra_op_threads: int = 0
+    # Loader processes of the pipeline and fit cases (training's --num_workers).
+    num_workers: int | None = None
     image_dir: str = ""
     output: str = ""
     seed: int = 0
@@ -135,8 +136,8 @@ class BenchmarkConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 fail(name, f"must be >= 1, got {value}")
-        if self.pipeline_intra_op_threads < 0:
-            fail("pipeline_intra_op_threads", f"must be >= 0, got {self.pipeline_intra_op_threads}")
+        if self.num_workers is not None and self.num_workers < 0:
+            fail("num_workers", f"must be >= 0, got {self.num_workers}")
         if self.matmul_size is not None and self.matmul_size < 16:
             fail("matmul_size", f"must be >= 16, got {self.matmul_size}")
         if self.matmul_seconds is not None and not self.matmul_seconds > 0:
@@ -166,6 +167,8 @@ class BenchmarkConfig:
         )
         if self.jit_compile is not None:
             overrides["jit_compile"] = self.jit_compile
+        if self.num_workers is not None:
+            overrides["num_workers"] = self.num_workers
         if self.short:
             overrides.update(
                 arch="vit_tiny",
@@ -284,6 +287,30 @@ def _peak_rss() -> dict[str, float]:
         "peak_rss_mb": round(kilobytes / 1024, 1),
         "peak_rss_gb": round(kilobytes / 1024**2, 3),
     }
+
+
+def _loader_processes_peak_rss() -> dict[str, float]:
+    """Summed peak resident memory of this process's children (the loader processes), read
+    from /proc while they run; empty where /proc has no such figures."""
+    kilobytes, count = 0, 0
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            if parent != os.getpid():
+                continue
+            with open(f"/proc/{entry}/status", encoding="utf-8") as f:
+                peak = [line.split()[1] for line in f if line.startswith("VmHWM:")]
+        except (OSError, IndexError, ValueError):  # ended meanwhile
+            continue
+        if peak:
+            kilobytes += int(peak[0])
+            count += 1
+    if not count:
+        return {}
+    return {"loader_processes_peak_rss_gb": round(kilobytes / 1024**2, 3)}
 
 
 def _matmul_gflops(dtype, size: int, min_seconds: float, jit_compile: bool, seed: int) -> float:
@@ -444,10 +471,7 @@ def _multicrop_dataset(config: BenchmarkConfig, train_config: TrainConfig):
 
 
 def case_pipeline(config: BenchmarkConfig) -> dict:
-    import tensorflow as tf
 
-    if config.pipeline_intra_op_threads:
-        tf.config.threading.set_intra_op_parallelism_threads(config.pipeline_intra_op_threads)
     train_config = config.train_config()
     dataset, source = _multicrop_dataset(config, train_config)
     start = time.perf_counter()
@@ -465,7 +489,8 @@ def case_pipeline(config: BenchmarkConfig) -> dict:
         "images_per_second": round(images / seconds, 3),
         "first_batch_seconds": round(first_batch_seconds, 3),
         "source_images": source.num_examples,
-        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads() or "default",
+        "loader_processes": train_config.num_workers,
+        **_loader_processes_peak_rss(),
     }
 
 
@@ -487,6 +512,9 @@ def case_fit(config: BenchmarkConfig) -> dict:
             self.loss = float(logs["loss"])  # also waits for the step to finish
             self.ends.append(time.perf_counter())
 
+        def on_train_end(self, logs=None):
+            self.loaders = _loader_processes_peak_rss()  # while the loaders still run
+
     times = BatchEndTimes()
     calls = 1 + config.warmup + config.steps
     trainer.fit(
@@ -505,6 +533,8 @@ def case_fit(config: BenchmarkConfig) -> dict:
         "images_per_second": round(images_per_second, 3),
         "step_seconds_mean": round(seconds / config.steps, 4),
         "loss": times.loss,
+        "loader_processes": train_config.num_workers,
+        **times.loaders,
         **_flop_figures(train_config, images_per_second),
     }
 
@@ -735,9 +765,14 @@ def format_table(records: list[dict]) -> str:
     ]
     if against_xla:
         lines.append(f"FLOP/s as a fraction of the XLA matmul: {', '.join(against_xla)}")
-    pipeline = next((r for r in records if r["case"] == "pipeline"), None)
-    if pipeline and "intra_op_threads" in pipeline:
-        lines.append(f"pipeline intra-op threads: {pipeline['intra_op_threads']}")
+    for record in records:
+        if record.get("loader_processes"):
+            memory = record.get("loader_processes_peak_rss_gb")
+            lines.append(
+                f"{record['case']}: batches made by {record['loader_processes']} loader "
+                f"process(es), one core each"
+                + (f", peak RSS {memory:.2f} GB in all (not in the column)" if memory else "")
+            )
     rates = {r["case"]: r["images_per_second"] for r in records if "images_per_second" in r}
     if "step" in rates and "pipeline" in rates:
         slower = "step" if rates["step"] <= rates["pipeline"] else "pipeline"

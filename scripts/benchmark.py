@@ -75,12 +75,11 @@ def define_flags(flag_values) -> None:
         "XLA-compile the training step (default: the recipe's --jit_compile, true).",
         flag_values=flag_values,
     )
-    flags.DEFINE_integer(
-        "pipeline_intra_op_threads",
-        0,
-        "Intra-op threads of the pipeline case's process: 0 = TensorFlow's default, as in "
-        "training; 1 = a dedicated loader process, like the reference's DataLoader workers.",
-        flag_values=flag_values,
+    integer(
+        "num_workers",
+        "Loader processes of pipeline and fit, one core each, as training's --num_workers "
+        "(default 2, the reference's 2 DataLoader workers; 1 with --short); 0 makes the "
+        "batches with tf.data in the case's own process.",
     )
     string(
         "image_dir",
@@ -106,7 +105,7 @@ def config_from_flags(flag_values) -> benchmarking.BenchmarkConfig:
         "matmul_size",
         "matmul_seconds",
         "jit_compile",
-        "pipeline_intra_op_threads",
+        "num_workers",
         "image_dir",
         "output",
         "seed",

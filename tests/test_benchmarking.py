@@ -86,7 +86,7 @@ def test_config_resolution_and_validation():
         (dict(steps=0), "--steps"),
         (dict(num_images=4), "--num_images"),
         (dict(matmul_seconds=0.0), "--matmul_seconds"),
-        (dict(pipeline_intra_op_threads=-1), "--pipeline_intra_op_threads"),
+        (dict(num_workers=-1), "--num_workers"),
     ):
         with pytest.raises(BenchmarkError, match=flag):
             BenchmarkConfig(**kwargs).resolved()
