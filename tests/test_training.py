@@ -151,6 +151,7 @@ def test_image_folder_with_non_image_and_corrupt_files_trains(tmp_path):
     assert summary["knn_top1_final"] is None  # no separate test split: k-NN disabled
 
 
+@pytest.mark.slow
 def test_loader_processes_train_the_same_weights(tmp_path):
     for num_workers in (0, 2):
         run_training(run_config(tmp_path / str(num_workers), epochs=1, num_workers=num_workers))
