@@ -78,8 +78,9 @@ def define_flags(flag_values) -> None:
     integer(
         "num_workers",
         "Loader processes of pipeline and fit, one core each, as training's --num_workers "
-        "(default 2, the reference's 2 DataLoader workers; 1 with --short); 0 makes the "
-        "batches with tf.data in the case's own process.",
+        "(default: the recipe's: paper 2, as the reference's 2 DataLoader workers, demo "
+        "configs/demo.cfg's 0; 1 with --short); 0 makes the batches with tf.data in the "
+        "case's own process.",
     )
     string(
         "image_dir",

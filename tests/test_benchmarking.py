@@ -78,6 +78,10 @@ def test_config_resolution_and_validation():
     assert BenchmarkConfig(cases=("pipeline",)).resolved().cases == ("pipeline",)
     demo = BenchmarkConfig(recipe="demo").resolved()
     assert demo.train_config().embed_dim == 64 and demo.num_images == 256
+    # Loader processes: the recipe's (paper: the reference's 2 workers; demo.cfg: none), 1 for
+    # --short, or the flag's.
+    assert [BenchmarkConfig(**kwargs).resolved().train_config().num_workers for kwargs in (
+        {}, dict(recipe="demo"), dict(short=True), dict(num_workers=3))] == [2, 0, 1, 3]
     for kwargs, flag in (
         (dict(recipe="imagenet"), "--recipe"),
         (dict(precision="mixed_float16"), "--precision"),
