@@ -9,9 +9,12 @@ the reference's DataLoader workers run one thread each.
 Loader process k of K builds the training process's own pipeline and keeps batches k, k + K,
 ... of it (`build_multicrop_dataset(batch_shards=K, batch_shard_index=k)`), so reading the
 processes in turn yields the in-process stream batch for batch. A process writes each batch
-into one of its slots in an anonymous shared-memory file and names the slot on its stdout;
-the training process copies the batch out and hands the slot back on the process's stdin.
-A process ends when its stdin closes, so it never outlives the training process.
+into one of its slots in an anonymous shared-memory file and names the slot on its stdout.
+The training process passes the slot's arrays on as they are (TensorFlow takes aligned numpy
+arrays over without copying) and hands the slot back on the process's stdin once nothing
+references those arrays any more; a batch that would hold a process's last free slot is
+copied instead, so a consumer keeping many batches never stops the stream. A process ends
+when its stdin closes, so it never outlives the training process for long.
 """
 
 from __future__ import annotations
