@@ -39,8 +39,11 @@ demo: venv data
 	$(PY) scripts/train.py --flagfile=configs/demo.cfg --output_dir=$(DEMO_DIR)
 	$(PY) scripts/export.py --checkpoint=$(DEMO_DIR) --export_dir=$(DEMO_DIR)/export --overwrite_version
 
+# Two test processes: most tests spend their time in one thread (XLA compilation, Python), so
+# two share the two cores; slow tests go first (tests/conftest.py) and an idle process takes
+# tests queued for the other.
 test: dev data
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n 2 --dist worksteal
 
 lint: dev
 	$(VENV)/bin/ruff check dino_keras scripts tests

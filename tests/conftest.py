@@ -14,3 +14,9 @@ def _float32_policy_and_seed():
     keras.utils.set_random_seed(0)
     yield
     keras.mixed_precision.set_global_policy("float32")
+
+
+def pytest_collection_modifyitems(items):
+    """Slow tests first (stable otherwise), so that under `pytest -n 2` the long ones overlap
+    each other and the short ones fill in, instead of one long test running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

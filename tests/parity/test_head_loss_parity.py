@@ -16,8 +16,16 @@ from dino_keras.models.head import DinoHead
 
 TOLERANCE = 1e-6
 IN_DIM, OUT_DIM, BATCH, LOCAL_CROPS = 384, 4096, 8, 2
-# The loss is about ln(out_dim); at 1024 one float32 ulp of it is 4.8e-7, so 1e-6 allows two.
+# The loss is about ln(out_dim) ~ 7 at 1024, where one float32 ulp is 4.8e-7. XLA's CPU exp and
+# log and its reduction order depend on the CPU: on one machine the compiled loss was within
+# 2 ulps of the float64 loss, on an AMD EPYC (Zen 4) 2.6 ulps (1.24e-6). Losses are held to
+# 4 ulps of float32, against torch's float32 loss and against the float64 loss.
 LOSS_OUT_DIM = 1024
+LOSS_ULPS = 4
+
+
+def loss_tolerance(loss: float) -> float:
+    return LOSS_ULPS * float(np.spacing(np.float32(abs(loss))))
 
 
 def converted_heads(use_bn: bool, norm_last_layer: bool, seed: int, out_dim: int = OUT_DIM):
@@ -95,9 +103,12 @@ def test_loss_and_center_update(teacher_temp, report_diff):
         f"loss |diff| (teacher_temp {teacher_temp}, loss {expected_loss:.4f})",
         abs(float(loss) - expected_loss),
     )
-    report_diff("  dino_keras loss vs the float64 torch loss", abs(float(loss) - exact_loss))
+    exact_diff = report_diff(
+        "  dino_keras loss vs the float64 torch loss", abs(float(loss) - exact_loss)
+    )
     report_diff("  torch float32 loss vs the float64 torch loss", abs(expected_loss - exact_loss))
-    assert diff <= TOLERANCE
+    assert diff <= loss_tolerance(exact_loss)
+    assert exact_diff <= loss_tolerance(exact_loss)
     assert set(monitors) == {"teacher_entropy", "teacher_batch_entropy", "kl_teacher_student"}
 
     dino_loss = DinoLoss(LOSS_OUT_DIM, num_student_crops=crops)
@@ -105,7 +116,7 @@ def test_loss_and_center_update(teacher_temp, report_diff):
     module_loss, _ = dino_loss(
         tf.constant(student_output.numpy()), tf.constant(teacher_output.numpy()), teacher_temp
     )
-    assert abs(float(module_loss) - expected_loss) <= TOLERANCE
+    assert abs(float(module_loss) - expected_loss) <= loss_tolerance(exact_loss)
     dino_loss.update_center(tf.constant(teacher_output.numpy()))
     diff = report_diff(
         "centre update max |diff|",
