@@ -286,8 +286,8 @@ def dino_flops_per_image(config: TrainConfig) -> dict[str, int]:
 def _peak_rss() -> dict[str, float]:
     kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return {
-        "peak_rss_mb": round(kilobytes / 1024, 1),
-        "peak_rss_gb": round(kilobytes / 1024**2, 3),
+        "peak_rss_mib": round(kilobytes / 1024, 1),
+        "peak_rss_gib": round(kilobytes / 1024**2, 3),
     }
 
 
@@ -312,7 +312,7 @@ def _loader_processes_peak_rss() -> dict[str, float]:
             count += 1
     if not count:
         return {}
-    return {"loader_processes_peak_rss_gb": round(kilobytes / 1024**2, 3)}
+    return {"loader_processes_peak_rss_gib": round(kilobytes / 1024**2, 3)}
 
 
 def _matmul_gflops(dtype, size: int, min_seconds: float, jit_compile: bool, seed: int) -> float:
@@ -554,7 +554,7 @@ def _child_main(argv: list[str]) -> None:
     """`python -m dino_keras.benchmarking CASE SETTINGS_JSON RESULT_PATH`: one case."""
     case, settings, result_path = argv
     # Measure the runtime install (requirements.txt, no PyTorch). A development venv has PyTorch
-    # for the parity tests, and keras-cv imports it whenever it is installed, which adds 0.47 GB
+    # for the parity tests, and keras-cv imports it whenever it is installed, which adds 0.47 GiB
     # of resident memory to every case; hidden here, keras-cv skips it.
     sys.modules.setdefault("torch", None)
     values = json.loads(settings)
@@ -730,7 +730,7 @@ def format_table(records: list[dict]) -> str:
         )
     header = (
         f"{'case':<12}{'images/s':>10}{'compile s':>11}{'step s':>9}{'GFLOP/img':>11}"
-        f"{'GFLOP/s':>10}{'MFU':>8}{'peak RSS GB':>13}"
+        f"{'GFLOP/s':>10}{'MFU':>8}{'peak RSS GiB':>13}"
     )
     lines += [header, "-" * len(header)]
 
@@ -749,7 +749,7 @@ def format_table(records: list[dict]) -> str:
             + f"{'-' if flops_per_image is None else format(flops_per_image / 1e9, '.2f'):>11}"
             + f"{'-' if gflops is None else format(gflops, '.1f'):>10}"
             + cell(record, "mfu", 8, ".3f")
-            + cell(record, "peak_rss_gb", 13, ".2f")
+            + cell(record, "peak_rss_gib", 13, ".2f")
         )
     peak = next((r for r in records if r["case"] == "matmul_peak"), None)
     if peak:
@@ -769,11 +769,11 @@ def format_table(records: list[dict]) -> str:
         lines.append(f"FLOP/s as a fraction of the XLA matmul: {', '.join(against_xla)}")
     for record in records:
         if record.get("loader_processes"):
-            memory = record.get("loader_processes_peak_rss_gb")
+            memory = record.get("loader_processes_peak_rss_gib")
             lines.append(
                 f"{record['case']}: batches made by {record['loader_processes']} loader "
                 f"process(es), one core each"
-                + (f", peak RSS {memory:.2f} GB in all (not in the column)" if memory else "")
+                + (f", peak RSS {memory:.2f} GiB in all (not in the column)" if memory else "")
             )
     rates = {r["case"]: r["images_per_second"] for r in records if "images_per_second" in r}
     if "step" in rates and "pipeline" in rates:

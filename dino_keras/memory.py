@@ -3,7 +3,7 @@
 XLA's compilation of the training step allocates and frees about a gigabyte of small objects.
 glibc keeps freed memory in its heaps, so the process stays that much larger, and the step's
 buffers, allocated right after the compilation, come on top: for ViT-S/16 the peak resident
-memory was 0.5 GB higher than with the freed memory returned. `malloc_trim(0)` returns every
+memory was 0.5 GiB higher than with the freed memory returned. `malloc_trim(0)` returns every
 free page; calling it every half second while the first step compiles and runs removes that
 difference (after the first step the process no longer grows, so the trimming stops: trimming
 during training costs page faults on every step). Without glibc (macOS, musl) this does nothing.

@@ -43,7 +43,7 @@ _ALIGNMENT = 64  # TensorFlow takes over (does not copy) numpy arrays aligned to
 _POLL_SECONDS = 0.005
 _READY = "ready"
 _ERROR = "error"
-# keras-cv imports PyTorch whenever it is installed (+0.5 GB); a loader process never needs it,
+# keras-cv imports PyTorch whenever it is installed (+0.5 GiB); a loader process never needs it,
 # so it is hidden before anything is imported.
 _WORKER_COMMAND = (
     "import json, sys; sys.modules.setdefault('torch', None); "

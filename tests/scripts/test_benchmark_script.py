@@ -53,7 +53,7 @@ def test_short_run_reports_every_case(tmp_path):
     for record in records:
         assert record["recipe"] == "paper" and record["precision"] == "float32"
         assert record["short"] is True
-        for key in FIGURES[record["case"]] + ["peak_rss_gb", "peak_rss_mb", "case_seconds"]:
+        for key in FIGURES[record["case"]] + ["peak_rss_gib", "peak_rss_mib", "case_seconds"]:
             assert isinstance(record[key], (int, float)), (record["case"], key)
         for key, value in record.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -64,7 +64,7 @@ def test_short_run_reports_every_case(tmp_path):
     # --short's pipeline and fit read batches from one loader process, whose memory is counted.
     for record in records[2:]:
         assert record["loader_processes"] == 1
-        assert 0.2 < record["loader_processes_peak_rss_gb"] < record["peak_rss_gb"] + 1
+        assert 0.2 < record["loader_processes_peak_rss_gib"] < record["peak_rss_gib"] + 1
     # The MFU is the achieved FLOP/s over the matmul peak of the same run.
     step = records[1]
     assert math.isclose(
@@ -78,7 +78,7 @@ def test_short_run_reports_every_case(tmp_path):
 
     table = "\n".join(line for line in result.stdout.splitlines() if line not in lines)
     assert "DINO benchmark: recipe paper (short), float32, batch 8" in table
-    assert "images/s" in table and "MFU" in table and "peak RSS GB" in table
+    assert "images/s" in table and "MFU" in table and "peak RSS GiB" in table
     for case in CASES:
         assert any(row.startswith(case) for row in table.splitlines()), case
     assert "Bound: " in table
