@@ -176,3 +176,19 @@ class DinoOptimizer(keras.optimizers.Optimizer):
             config["weight_decay_schedule"], custom_objects=custom_objects
         )
         return super().from_config(config, custom_objects=custom_objects)
+
+
+@keras.saving.register_keras_serializable("dino_keras")
+class DinoLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
+    """Keras' dynamic loss scaling, with the step counter indexed by data iteration.
+
+    Keras does not advance `iterations` on a step whose scaled gradients are not finite. That
+    counter drives every schedule, the last-layer freeze and the resume position, so each
+    skipped step would shift them all. The reference's GradScaler skips the update too, but
+    its schedules are indexed by the data iteration, which advances: so does this counter.
+    The parameters' own Adam step counts do not advance on a skipped step, as in PyTorch.
+    """
+
+    def _stateful_handle_non_finite_grads(self):
+        super()._stateful_handle_non_finite_grads()
+        self.inner_optimizer.iterations.assign_add(1)

@@ -30,7 +30,7 @@ from dino_keras.evaluation.attention import AttentionImages
 from dino_keras.evaluation.knn import KnnEvaluator
 from dino_keras.loss import DinoLoss
 from dino_keras.models.factory import build_student_and_teacher
-from dino_keras.optim import DinoOptimizer
+from dino_keras.optim import DinoLossScaleOptimizer, DinoOptimizer
 from dino_keras.schedules import CosineSchedule
 from dino_keras.trainer import DinoTrainer
 
@@ -85,7 +85,7 @@ def build_optimizer(config: TrainConfig, global_batch: int, steps: int):
         freeze_last_layer_steps=config.freeze_last_layer * steps,
     )
     if config.compute_precision == "mixed_float16":
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        optimizer = DinoLossScaleOptimizer(optimizer)
     return optimizer
 
 

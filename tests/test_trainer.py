@@ -68,7 +68,8 @@ def test_ema_once_per_optimizer_step_with_steps_per_execution(steps_per_executio
     assert int(grouped.optimizer.iterations) == 4
     for (a, _), (b, _) in zip(
         matching_parameters(reference.student, reference.teacher),
-        matching_parameters(grouped.student, grouped.teacher), strict=False,
+        matching_parameters(grouped.student, grouped.teacher),
+        strict=False,
     ):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(
@@ -131,3 +132,59 @@ def test_mixed_bfloat16_step_is_finite():
     history = trainer.fit(crops_dataset(2), epochs=1, steps_per_epoch=2, callbacks=[ema], verbose=0)
     assert np.isfinite(history.history["loss"][-1])
     assert trainer.student.backbone.cls_token.dtype == "float32"  # variables stay float32
+
+
+def test_teacher_batchnorm_uses_batch_statistics_and_updates_its_own():
+    trainer, ema = make_trainer(use_bn_in_head=True)
+    teacher_bn = [v for v in trainer.teacher.variables if "moving_" in v.path]
+    student_bn = [v for v in trainer.student.variables if "moving_" in v.path]
+    assert len(teacher_bn) == len(student_bn) == 4
+    crops = fixed_crops()
+    # A frozen Keras BatchNormalization would normalise with the running statistics (0 and 1).
+    features = trainer.teacher.backbone(crops[0])
+    hidden = trainer.teacher.head.mlp_layers[0](features).numpy()
+    normalised = trainer.teacher.head.mlp_layers[1](hidden, training=True).numpy()
+    expected = (hidden - hidden.mean(0)) / np.sqrt(hidden.var(0) + 1e-5)
+    np.testing.assert_allclose(normalised, expected, rtol=1e-3, atol=1e-4)
+    for variable in teacher_bn:  # the probe call above updated them; start again
+        initial = np.zeros if "mean" in variable.path else np.ones
+        variable.assign(initial(variable.shape))
+    trainer.fit(crops_dataset(1), epochs=1, steps_per_epoch=1, callbacks=[ema], verbose=0)
+    # One teacher forward pass over both global crops: running = 0.9 * initial + 0.1 * batch.
+    both = np.concatenate([trainer.teacher.backbone(c).numpy() for c in crops[:2]])
+    hidden = trainer.teacher.head.mlp_layers[0](both).numpy()
+    teacher_mean = next(v for v in teacher_bn if v.path.endswith("mlp_1/moving_mean"))
+    teacher_var = next(v for v in teacher_bn if v.path.endswith("mlp_1/moving_variance"))
+    # (the teacher's weights moved by the EMA after its forward pass; allow for that)
+    np.testing.assert_allclose(teacher_mean.numpy(), 0.1 * hidden.mean(0), rtol=0.05, atol=1e-4)
+    np.testing.assert_allclose(
+        teacher_var.numpy(), 0.9 + 0.1 * hidden.var(0, ddof=1), rtol=0.05, atol=1e-4
+    )
+
+
+def test_fp16_step_skipped_by_the_loss_scaler_still_advances_the_schedules():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    trainer, ema = make_trainer(use_fp16=True, freeze_last_layer=0)
+    optimizer = trainer.optimizer
+    inner = optimizer.inner_optimizer
+    weights = [v.numpy() for v in trainer.student.trainable_variables]
+    # A loss scale of 2^100 overflows every float16 gradient: the scaler skips the update.
+    optimizer.dynamic_scale.assign(2.0**100)
+    trainer.fit(crops_dataset(1), epochs=1, steps_per_epoch=1, callbacks=[ema], verbose=0)
+    assert float(optimizer.dynamic_scale.numpy()) == 2.0**99
+    for before, variable in zip(weights, trainer.student.trainable_variables, strict=True):
+        np.testing.assert_array_equal(variable.numpy(), before, err_msg=variable.path)
+    assert all(int(step.numpy()) == 0 for step in inner._steps)  # no Adam step counted
+    # The data iteration advanced, and with it every schedule (as the reference's `it`).
+    assert int(optimizer.iterations.numpy()) == 1
+    np.testing.assert_allclose(
+        float(inner.learning_rate.numpy()), float(inner._learning_rate(1)), rtol=1e-6
+    )
+    optimizer.dynamic_scale.assign(1.0)
+    trainer.fit(crops_dataset(1), epochs=1, steps_per_epoch=1, callbacks=[ema], verbose=0)
+    assert int(optimizer.iterations.numpy()) == 2
+    assert all(int(step.numpy()) == 1 for step in inner._steps)
+    assert any(
+        not np.array_equal(v.numpy(), before)
+        for before, v in zip(weights, trainer.student.trainable_variables, strict=True)
+    )

@@ -7,6 +7,7 @@ from keras import ops
 
 from dino_keras.config import TrainConfig
 from dino_keras.models.head import DinoHead
+from dino_keras.models.initializers import layer_seed
 from dino_keras.models.multicrop_wrapper import MultiCropWrapper
 from dino_keras.models.resnet import resnet50
 from dino_keras.models.vit import VisionTransformer
@@ -31,7 +32,7 @@ def build_backbone(
             seed=config.seed,
             name=name,
         )
-    return resnet50(synchronized_bn=synchronized_bn, name=name)
+    return resnet50(synchronized_bn=synchronized_bn, seed=config.seed, name=name)
 
 
 def _build_network(
@@ -47,6 +48,7 @@ def _build_network(
         hidden_dim=config.head_hidden_dim,
         bottleneck_dim=config.head_bottleneck_dim,
         synchronized_bn=synchronized_bn,
+        seed=layer_seed(config.seed, "head"),
         name="head",
     )
     network = MultiCropWrapper(backbone, head, name=name)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from dino_keras.models.vit import _trunc_normal
+from dino_keras.models.batch_norm import TorchBatchNormalization
+from dino_keras.models.initializers import (
+    dense_initializers,
+    layer_seed,
+    resolve_seed,
+    torch_default_uniform,
+)
 
 
 @keras.saving.register_keras_serializable("dino_keras")
@@ -17,19 +23,20 @@ class WeightNormDense(keras.layers.Layer):
     when `trainable_gain` is False (the reference's `norm_last_layer`).
     """
 
-    def __init__(self, units: int, trainable_gain: bool = False, **kwargs):
+    def __init__(self, units: int, trainable_gain: bool = False, seed: int | None = None, **kwargs):
         super().__init__(**kwargs)
         self.units = units
         self.trainable_gain = trainable_gain
+        self.seed = seed
+        self._init_seed = resolve_seed(seed)
 
     def build(self, input_shape):
         in_dim = input_shape[-1]
         # The reference creates this layer after its truncated-normal init pass, so it keeps
         # PyTorch's default Linear init: uniform(+-1/sqrt(in_dim)).
-        limit = in_dim**-0.5
         self.kernel_v = self.add_weight(
             shape=(in_dim, self.units),
-            initializer=keras.initializers.RandomUniform(-limit, limit),
+            initializer=torch_default_uniform(in_dim, self._init_seed),
             name="kernel_v",
         )
         self.gain = self.add_weight(
@@ -44,7 +51,12 @@ class WeightNormDense(keras.layers.Layer):
         return ops.matmul(x, ops.cast(kernel, x.dtype))
 
     def get_config(self):
-        return {**super().get_config(), "units": self.units, "trainable_gain": self.trainable_gain}
+        return {
+            **super().get_config(),
+            "units": self.units,
+            "trainable_gain": self.trainable_gain,
+            "seed": self.seed,
+        }
 
 
 @keras.saving.register_keras_serializable("dino_keras")
@@ -60,6 +72,7 @@ class DinoHead(keras.layers.Layer):
         hidden_dim: int = 2048,
         bottleneck_dim: int = 256,
         synchronized_bn: bool = False,
+        seed: int | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -70,31 +83,33 @@ class DinoHead(keras.layers.Layer):
         self.hidden_dim = hidden_dim
         self.bottleneck_dim = bottleneck_dim
         self.synchronized_bn = synchronized_bn
-        init = dict(kernel_initializer=_trunc_normal(), bias_initializer="zeros")
+        self.seed = seed
+        seed = resolve_seed(seed)
         self.mlp_layers = []
         for _ in range(self.nlayers - 1):
+            name = f"mlp_{len(self.mlp_layers)}"
             self.mlp_layers.append(
-                keras.layers.Dense(hidden_dim, name=f"mlp_{len(self.mlp_layers)}", **init)
+                keras.layers.Dense(hidden_dim, name=name, **dense_initializers(seed, name))
             )
             if use_bn:
-                # PyTorch BatchNorm1d defaults: momentum 0.1 (Keras 0.9), epsilon 1e-5.
                 self.mlp_layers.append(
-                    keras.layers.BatchNormalization(
-                        momentum=0.9,
-                        epsilon=1e-5,
-                        synchronized=synchronized_bn,
-                        name=f"mlp_{len(self.mlp_layers)}",
+                    TorchBatchNormalization(
+                        synchronized=synchronized_bn, name=f"mlp_{len(self.mlp_layers)}"
                     )
                 )
             # Keras' "gelu" is the exact (erf) form, as torch.nn.GELU.
             self.mlp_layers.append(
                 keras.layers.Activation("gelu", name=f"mlp_{len(self.mlp_layers)}")
             )
+        name = f"mlp_{len(self.mlp_layers)}"
         self.mlp_layers.append(
-            keras.layers.Dense(bottleneck_dim, name=f"mlp_{len(self.mlp_layers)}", **init)
+            keras.layers.Dense(bottleneck_dim, name=name, **dense_initializers(seed, name))
         )
         self.last_layer = WeightNormDense(
-            out_dim, trainable_gain=not norm_last_layer, name="last_layer"
+            out_dim,
+            trainable_gain=not norm_last_layer,
+            seed=layer_seed(seed, "last_layer"),
+            name="last_layer",
         )
 
     def build(self, input_shape):
@@ -127,4 +142,5 @@ class DinoHead(keras.layers.Layer):
             "hidden_dim": self.hidden_dim,
             "bottleneck_dim": self.bottleneck_dim,
             "synchronized_bn": self.synchronized_bn,
+            "seed": self.seed,
         }

@@ -13,49 +13,53 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-# torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu").
-_CONV_INIT = keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal")
+from dino_keras.models.batch_norm import TorchBatchNormalization
+from dino_keras.models.initializers import kaiming_normal_fan_out, layer_seed, resolve_seed
 
 
-def _conv(filters, kernel, stride, name):
+def _conv(filters, kernel, stride, name, seed):
     return layers.Conv2D(
         filters,
         kernel,
         strides=stride,
         padding="valid",
         use_bias=False,
-        kernel_initializer=_CONV_INIT,
+        kernel_initializer=kaiming_normal_fan_out(layer_seed(seed, name)),
         name=name,
     )
 
 
 def _bn(name, synchronized):
-    # PyTorch BatchNorm2d defaults: momentum 0.1 (Keras 0.9), epsilon 1e-5.
-    return layers.BatchNormalization(
-        momentum=0.9, epsilon=1e-5, synchronized=synchronized, name=name
-    )
+    return TorchBatchNormalization(synchronized=synchronized, name=name)
 
 
-def _bottleneck(x, filters, stride, downsample, name, synchronized):
+def _bottleneck(x, filters, stride, downsample, name, synchronized, seed):
     identity = x
-    out = _conv(filters, 1, 1, f"{name}_conv1")(x)
+    out = _conv(filters, 1, 1, f"{name}_conv1", seed)(x)
     out = layers.ReLU()(_bn(f"{name}_bn1", synchronized)(out))
     out = layers.ZeroPadding2D(1)(out)
-    out = _conv(filters, 3, stride, f"{name}_conv2")(out)
+    out = _conv(filters, 3, stride, f"{name}_conv2", seed)(out)
     out = layers.ReLU()(_bn(f"{name}_bn2", synchronized)(out))
-    out = _conv(filters * 4, 1, 1, f"{name}_conv3")(out)
+    out = _conv(filters * 4, 1, 1, f"{name}_conv3", seed)(out)
     out = _bn(f"{name}_bn3", synchronized)(out)
     if downsample:
-        identity = _conv(filters * 4, 1, stride, f"{name}_downsample_0")(x)
+        identity = _conv(filters * 4, 1, stride, f"{name}_downsample_0", seed)(x)
         identity = _bn(f"{name}_downsample_1", synchronized)(identity)
     return layers.ReLU()(layers.Add()([out, identity]))
 
 
-def resnet50(synchronized_bn: bool = False, name: str = "resnet50") -> keras.Model:
-    """torchvision's ResNet-50 without its classifier: images [B, H, W, 3] -> [B, 2048]."""
+def resnet50(
+    synchronized_bn: bool = False, seed: int | None = None, name: str = "resnet50"
+) -> keras.Model:
+    """torchvision's ResNet-50 without its classifier: images [B, H, W, 3] -> [B, 2048].
+
+    `seed` seeds the convolutions' initialisation, each its own draw (None: drawn from NumPy's
+    global generator).
+    """
+    seed = resolve_seed(seed)
     images = keras.Input((None, None, 3))
     x = layers.ZeroPadding2D(3)(images)
-    x = _conv(64, 7, 2, "conv1")(x)
+    x = _conv(64, 7, 2, "conv1", seed)(x)
     x = layers.ReLU()(_bn("bn1", synchronized_bn)(x))
     # Zero padding equals torchvision's -inf padding here: the input is >= 0 after the ReLU.
     x = layers.MaxPooling2D(3, strides=2)(layers.ZeroPadding2D(1)(x))
@@ -70,6 +74,7 @@ def resnet50(synchronized_bn: bool = False, name: str = "resnet50") -> keras.Mod
                 block == 0,
                 f"layer{stage}_{block}",
                 synchronized_bn,
+                seed,
             )
     features = layers.GlobalAveragePooling2D()(x)
     model = keras.Model(images, features, name=name)

@@ -12,6 +12,13 @@ import keras
 import numpy as np
 from keras import ops
 
+from dino_keras.models.initializers import (
+    dense_initializers,
+    layer_seed,
+    resolve_seed,
+    torch_default_uniform,
+    trunc_normal,
+)
 from dino_keras.models.lean_gradients import (
     attend,
     attention_projection,
@@ -25,12 +32,6 @@ from dino_keras.models.position_embedding import (
 )
 
 LAYER_NORM_EPSILON = 1e-6
-
-
-def _trunc_normal(stddev: float = 0.02):
-    # The reference truncates at +-2 absolute, which is 100 standard deviations here: in effect
-    # an untruncated normal (Keras' TruncatedNormal would cut at 2 standard deviations).
-    return keras.initializers.RandomNormal(stddev=stddev)
 
 
 def dense_tensors(layer: keras.layers.Dense, dtype):
@@ -69,16 +70,24 @@ class DropPath(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable("dino_keras")
 class Attention(keras.layers.Layer):
-    """Multi-head self-attention with a fused qkv projection; can return its weights."""
+    """Multi-head self-attention with a fused qkv projection; can return its weights.
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, **kwargs):
+    `seed` seeds the initialisation (None: drawn from NumPy's global generator).
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, qkv_bias: bool = True, seed: int | None = None, **kwargs
+    ):
         super().__init__(**kwargs)
         self.dim = dim
         self.num_heads = num_heads
         self.qkv_bias = qkv_bias
-        init = dict(kernel_initializer=_trunc_normal(), bias_initializer="zeros")
-        self.qkv = keras.layers.Dense(3 * dim, use_bias=qkv_bias, name="qkv", **init)
-        self.proj = keras.layers.Dense(dim, name="proj", **init)
+        self.seed = seed
+        seed = resolve_seed(seed)
+        self.qkv = keras.layers.Dense(
+            3 * dim, use_bias=qkv_bias, name="qkv", **dense_initializers(seed, "qkv")
+        )
+        self.proj = keras.layers.Dense(dim, name="proj", **dense_initializers(seed, "proj"))
 
     def build(self, input_shape):
         self.qkv.build(input_shape)
@@ -92,7 +101,8 @@ class Attention(keras.layers.Layer):
         through `lean_gradients.attention_projection` (same maths, fewer activations kept)."""
         if not return_attention:
             return attention_projection(
-                qkv, *dense_tensors(self.proj, self.proj.compute_dtype), self.num_heads)
+                qkv, *dense_tensors(self.proj, self.proj.compute_dtype), self.num_heads
+            )
         _, _, value, attn = attention_weights(qkv, self.num_heads)
         return self.proj(attend(attn, value)), attn
 
@@ -102,12 +112,17 @@ class Attention(keras.layers.Layer):
             "dim": self.dim,
             "num_heads": self.num_heads,
             "qkv_bias": self.qkv_bias,
+            "seed": self.seed,
         }
 
 
 @keras.saving.register_keras_serializable("dino_keras")
 class TransformerBlock(keras.layers.Layer):
-    """Pre-norm block: x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x)))."""
+    """Pre-norm block: x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x))).
+
+    `seed` seeds the initialisation and the drop-path masks (None: drawn from NumPy's global
+    generator).
+    """
 
     def __init__(
         self,
@@ -127,13 +142,15 @@ class TransformerBlock(keras.layers.Layer):
         self.drop_path_rate = drop_path_rate
         self.seed = seed
         hidden = int(dim * mlp_ratio)
-        init = dict(kernel_initializer=_trunc_normal(), bias_initializer="zeros")
+        seed = resolve_seed(seed)
         self.norm1 = keras.layers.LayerNormalization(epsilon=LAYER_NORM_EPSILON, name="norm1")
-        self.attn = Attention(dim, num_heads, qkv_bias, name="attn")
-        self.drop_path = DropPath(drop_path_rate, seed=seed, name="drop_path")
+        self.attn = Attention(dim, num_heads, qkv_bias, seed=layer_seed(seed, "attn"), name="attn")
+        self.drop_path = DropPath(
+            drop_path_rate, seed=layer_seed(seed, "drop_path"), name="drop_path"
+        )
         self.norm2 = keras.layers.LayerNormalization(epsilon=LAYER_NORM_EPSILON, name="norm2")
-        self.fc1 = keras.layers.Dense(hidden, name="fc1", **init)
-        self.fc2 = keras.layers.Dense(dim, name="fc2", **init)
+        self.fc1 = keras.layers.Dense(hidden, name="fc1", **dense_initializers(seed, "fc1"))
+        self.fc2 = keras.layers.Dense(dim, name="fc2", **dense_initializers(seed, "fc2"))
 
     def build(self, input_shape):
         for layer in (self.norm1, self.attn, self.norm2, self.fc1):
@@ -145,15 +162,22 @@ class TransformerBlock(keras.layers.Layer):
         # norm2 -> fc1 -> gelu -> fc2, fewer activations kept for the backward pass).
         compute_dtype = self.fc1.compute_dtype
         qkv = layer_norm_dense(
-            x, *layer_norm_tensors(self.norm1), *dense_tensors(self.attn.qkv, compute_dtype),
-            epsilon=self.norm1.epsilon)
+            x,
+            *layer_norm_tensors(self.norm1),
+            *dense_tensors(self.attn.qkv, compute_dtype),
+            epsilon=self.norm1.epsilon,
+        )
         y = self.attn.attend(qkv, return_attention=return_attention)
         if return_attention:
             y, attn = y
         x = x + self.drop_path(y, training=training)
         y = layer_norm_gelu_mlp(
-            x, *layer_norm_tensors(self.norm2), *dense_tensors(self.fc1, compute_dtype),
-            *dense_tensors(self.fc2, compute_dtype), epsilon=self.norm2.epsilon)
+            x,
+            *layer_norm_tensors(self.norm2),
+            *dense_tensors(self.fc1, compute_dtype),
+            *dense_tensors(self.fc2, compute_dtype),
+            epsilon=self.norm2.epsilon,
+        )
         x = x + self.drop_path(y, training=training)
         return (x, attn) if return_attention else x
 
@@ -178,7 +202,8 @@ class VisionTransformer(keras.Model):
             (image_size // patch_size)^2. Other sizes, square or not, interpolate it.
         patch_size, embed_dim, depth, num_heads, mlp_ratio, qkv_bias: the architecture.
         drop_path_rate: stochastic-depth rate of the last block, increasing linearly from 0.
-        seed: seed of the drop-path masks.
+        seed: seed of the initialisation and the drop-path masks (None: drawn from NumPy's
+            global generator). Every layer draws from its own seed derived from it.
     """
 
     def __init__(
@@ -206,15 +231,19 @@ class VisionTransformer(keras.Model):
         self.seed = seed
         self.num_features = embed_dim
         self.num_patches = (image_size // patch_size) ** 2
-        # Patch embedding as a strided convolution (Keras' default init, like torch's Conv2d
-        # default in the reference, which does not re-initialise it).
+        self._init_seed = resolve_seed(seed)
+        # Patch embedding as a strided convolution. The reference does not re-initialise it, so
+        # it keeps torch's Conv2d default, uniform(+-1/sqrt(fan_in)) for the kernel (this
+        # VarianceScaling) and for the bias (set in `build`, once fan_in is known).
         self.patch_embed = keras.layers.Conv2D(
             embed_dim,
             patch_size,
             strides=patch_size,
             padding="valid",
             name="patch_embed",
-            kernel_initializer=keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform"),
+            kernel_initializer=keras.initializers.VarianceScaling(
+                1 / 3, "fan_in", "uniform", seed=layer_seed(self._init_seed, "patch_embed")
+            ),
         )
         rates = np.linspace(0.0, drop_path_rate, depth)
         self.blocks = [
@@ -224,7 +253,7 @@ class VisionTransformer(keras.Model):
                 mlp_ratio,
                 qkv_bias,
                 float(rate),
-                seed=None if seed is None else seed + i,
+                seed=layer_seed(self._init_seed, f"blocks_{i}"),
                 name=f"blocks_{i}",
             )
             for i, rate in enumerate(rates)
@@ -233,13 +262,20 @@ class VisionTransformer(keras.Model):
         self._resize_cache: dict = {}
 
     def build(self, input_shape):
+        seed = self._init_seed
         self.cls_token = self.add_weight(
-            shape=(1, 1, self.embed_dim), initializer=_trunc_normal(), name="cls_token"
+            shape=(1, 1, self.embed_dim),
+            initializer=trunc_normal(layer_seed(seed, "cls_token")),
+            name="cls_token",
         )
         self.pos_embed = self.add_weight(
             shape=(1, self.num_patches + 1, self.embed_dim),
-            initializer=_trunc_normal(),
+            initializer=trunc_normal(layer_seed(seed, "pos_embed")),
             name="pos_embed",
+        )
+        fan_in = self.patch_size * self.patch_size * input_shape[-1]
+        self.patch_embed.bias_initializer = torch_default_uniform(
+            fan_in, layer_seed(seed, "patch_embed/bias")
         )
         self.patch_embed.build((None, None, None, input_shape[-1]))
         token_shape = (None, None, self.embed_dim)
@@ -337,4 +373,3 @@ class VisionTransformer(keras.Model):
             "drop_path_rate": self.drop_path_rate,
             "seed": self.seed,
         }
-
