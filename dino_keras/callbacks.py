@@ -137,7 +137,8 @@ def _to_python(value):
 
 class KnnEvaluation(keras.callbacks.Callback):
     """Teacher k-NN accuracy at epoch 0 (before training), every `every` epochs and at the
-    end, added to the epoch logs as `knn_top1` / `knn_top5`."""
+    end, added to the epoch logs as `knn_top1` / `knn_top5`, with the raw-pixel k-NN on the
+    same bank as `knn_top1_pixels`."""
 
     def __init__(
         self,
@@ -160,28 +161,38 @@ class KnnEvaluation(keras.callbacks.Callback):
         self.results: dict[int, dict] = {}
 
     def evaluate(self, epoch: int) -> dict:
+        """The teacher's k-NN result, with the raw-pixel k-NN on the same bank as `pixels_top1`."""
         start = time.time()
-        result = self.evaluator(self.model.teacher.backbone)
+        result = dict(self.evaluator(self.model.teacher.backbone))
+        result["pixels_top1"] = self.evaluator.pixel_baseline()["top1"]
         self.results[epoch] = result
         if self.verbose:
             print(
                 f"Teacher k-NN@{self.k} after epoch {epoch}: top-1 {result['top1']:.2f}%, "
-                f"top-5 {result['top5']:.2f}% ({time.time() - start:.0f} s)",
+                f"top-5 {result['top5']:.2f}% (raw pixels: top-1 {result['pixels_top1']:.2f}%; "
+                f"{time.time() - start:.0f} s)",
                 flush=True,
             )
         return result
 
+    @staticmethod
+    def log_values(result: dict) -> dict:
+        return {
+            "knn_top1": result["top1"],
+            "knn_top5": result["top5"],
+            "knn_top1_pixels": result["pixels_top1"],
+        }
+
     def on_train_begin(self, logs=None):
         if self.evaluate_at_start and 0 not in self.results:
-            result = self.evaluate(0)
-            self.run_log.write(0, {"knn_top1": result["top1"], "knn_top5": result["top5"]})
+            self.run_log.write(0, self.log_values(self.evaluate(0)))
 
     def on_epoch_end(self, epoch, logs=None):
         done = epoch + 1
         if done == self.epochs or (self.every and done % self.every == 0):
             result = self.evaluate(done)
             if logs is not None:
-                logs["knn_top1"], logs["knn_top5"] = result["top1"], result["top5"]
+                logs.update(self.log_values(result))
 
 
 class EpochLog(keras.callbacks.Callback):
@@ -262,6 +273,82 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
                 f"loss is {loss} at step {step} (epoch {epoch + 1}, batch {in_epoch + 1}); "
                 f"training stopped. The last good checkpoint in {self.checkpoint_dir} is intact."
             )
+
+
+# Uniform collapse: every teacher distribution is near uniform (entropy near ln K) and the
+# student matches it (KL near 0). One-hot collapse: the batch-mean teacher distribution sits on
+# a few prototypes (its entropy near 0).
+UNIFORM_ENTROPY_FRACTION = 0.97
+UNIFORM_MAX_KL = 0.02
+ONE_HOT_ENTROPY_FRACTION = 0.05
+
+
+def collapse_state(logs: dict, out_dim: int) -> tuple[str, str] | None:
+    """("uniform" | "one-hot", the figures that say so) from an epoch's monitors, or None."""
+    max_entropy = math.log(out_dim)
+    entropy = _to_python(logs.get("teacher_entropy", math.nan))
+    batch_entropy = _to_python(logs.get("teacher_batch_entropy", math.nan))
+    kl = _to_python(logs.get("kl_teacher_student", math.nan))
+    if entropy >= UNIFORM_ENTROPY_FRACTION * max_entropy and kl <= UNIFORM_MAX_KL:
+        return "uniform", (
+            f"teacher entropy {entropy:.3f} of ln({out_dim}) = {max_entropy:.3f}, "
+            f"KL(teacher || student) {kl:.4f}"
+        )
+    if batch_entropy <= ONE_HOT_ENTROPY_FRACTION * max_entropy:
+        return "one-hot", (
+            f"entropy of the batch-mean teacher distribution {batch_entropy:.3f} "
+            f"of ln({out_dim}) = {max_entropy:.3f}"
+        )
+    return None
+
+
+COLLAPSE_CURES = {
+    "uniform": (
+        "--koleo_loss_weight=0.1, --centering=sinkhorn_knopp, a lower --teacher_temp, "
+        "a lower --momentum_teacher or --lr, fewer prototypes (--out_dim)"
+    ),
+    "one-hot": (
+        "--centering=sinkhorn_knopp, a higher --teacher_temp or a longer "
+        "--warmup_teacher_temp_epochs, a lower --lr"
+    ),
+}
+
+
+class CollapseGuard(keras.callbacks.Callback):
+    """After each epoch, reads the collapse monitors and warns on a collapsed state.
+
+    The warning is one line naming the state, the figures and the flags that usually cure it;
+    the state goes into the epoch's logs as `collapse` (so into log.jsonl and summary.json).
+    With `stop` the run stops after the epoch, its checkpoint written as usual.
+    """
+
+    def __init__(self, out_dim: int, stop: bool = False, verbose: bool = True):
+        super().__init__()
+        self.out_dim = out_dim
+        self.stop = stop
+        self.verbose = verbose
+        self.stopped_on_collapse = False
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        found = collapse_state(logs, self.out_dim)
+        if found is None:
+            return
+        state, figures = found
+        logs["collapse"] = state
+        message = (
+            f"WARNING: DINO has collapsed ({state}) after epoch {epoch + 1}: {figures}. "
+            f"Usually cured by {COLLAPSE_CURES[state]}."
+        )
+        if self.stop:
+            self.model.stop_training = True
+            self.stopped_on_collapse = True
+            message += " Stopping (--stop_on_collapse); the checkpoints are kept."
+        else:
+            message += " --stop_on_collapse stops the run here."
+        if self.verbose:
+            print(message, flush=True)
 
 
 class ReleaseFreeMemoryWhileCompiling(keras.callbacks.Callback):

@@ -25,6 +25,7 @@ ARCHS = tuple(VIT_ARCHS) + CONVNET_ARCHS
 OPTIMIZERS = ("adamw", "sgd", "lars")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+CENTERINGS = ("centering", "sinkhorn_knopp")
 
 
 class ConfigError(ValueError):
@@ -60,6 +61,16 @@ class TrainConfig:
     warmup_teacher_temp: float = _field(0.04, "Initial teacher temperature of the linear warm-up.")
     teacher_temp: float = _field(0.04, "Teacher temperature after the warm-up.")
     warmup_teacher_temp_epochs: int = _field(0, "Epochs of linear teacher-temperature warm-up.")
+    centering: str = _field(
+        "centering",
+        "Teacher centering: 'centering' (the reference's EMA centre) or 'sinkhorn_knopp' "
+        "(DINOv2's Sinkhorn-Knopp normalisation over the global batch, 3 iterations).",
+    )
+    koleo_loss_weight: float = _field(
+        0.0,
+        "Weight of DINOv2's KoLeo regulariser on the student's L2-normalised global-crop "
+        "features (spreads them apart); 0 disables.",
+    )
     # Optimisation.
     use_fp16: bool = _field(
         False,
@@ -72,6 +83,12 @@ class TrainConfig:
     clip_grad: float = _field(3.0, "Per-tensor gradient norm clip; 0 disables.")
     batch_size_per_gpu: int = _field(64, "Batch size per replica.")
     epochs: int = _field(100, "Number of training epochs.")
+    train_steps: int = _field(
+        0,
+        "If > 0, the schedule's length in optimiser steps instead of --epochs: the run trains "
+        "ceil(train_steps / steps per epoch) epochs, so that a small data set still gets "
+        "enough steps (the other flags counted in epochs stay in epochs).",
+    )
     freeze_last_layer: int = _field(1, "Epochs during which the head's last layer is not updated.")
     lr: float = _field(0.0005, "Peak learning rate at batch 256 (scaled by global batch / 256).")
     warmup_epochs: int = _field(10, "Epochs of linear learning-rate warm-up.")
@@ -83,6 +100,11 @@ class TrainConfig:
     local_crops_scale: tuple = _field((0.05, 0.4), "Area fraction range of the local crops.")
     global_crops_size: int = _field(224, "Side of the global crops in pixels.")
     local_crops_size: int = _field(96, "Side of the local crops in pixels.")
+    blur_sigma: tuple = _field(
+        (0.1, 2.0),
+        "Range 'min,max' of the gaussian-blur sigma in pixels of the crop (the reference's "
+        "0.1-2.0 is sized for 224 px crops; at most 2.0).",
+    )
     # Data.
     data_path: str = _field(
         "fashion_mnist",
@@ -123,6 +145,11 @@ class TrainConfig:
         False, "Deterministic ops and seeds: two runs of the same command give identical weights."
     )
     verbose: int = _field(1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")
+    stop_on_collapse: bool = _field(
+        False,
+        "Stop after an epoch whose collapse monitors say the run has collapsed (the warning is "
+        "printed and logged either way); the checkpoints are kept.",
+    )
     # Evaluation.
     eval_data_path: str = _field(
         "",
@@ -158,6 +185,21 @@ class TrainConfig:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
+    def with_epochs_for(self, steps_per_epoch: int) -> TrainConfig:
+        """This config with `epochs` resolved from `train_steps` (if set) and validated again."""
+        if not self.train_steps:
+            return self
+        epochs = -(-self.train_steps // steps_per_epoch)
+        resolved = dataclasses.replace(self, epochs=epochs)
+        try:
+            resolved.validate()
+        except ConfigError as error:
+            raise ConfigError(
+                f"{error} (--epochs={epochs} from --train_steps={self.train_steps} at "
+                f"{steps_per_epoch} steps per epoch)"
+            ) from None
+        return resolved
+
     # ---------------------------------------------------------------- validation
     def validate(self) -> None:
         """Raise `ConfigError` naming the flag for any invalid value or combination."""
@@ -183,6 +225,11 @@ class TrainConfig:
             fail(
                 "strategy",
                 f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}",
+            )
+        if self.centering not in CENTERINGS:
+            fail(
+                "centering",
+                f"unknown centering {self.centering!r}; choose one of {', '.join(CENTERINGS)}",
             )
         if self.cpu_replicas and self.strategy != "mirrored":
             fail("cpu_replicas", f"only applies to --strategy=mirrored, not {self.strategy!r}")
@@ -222,6 +269,8 @@ class TrainConfig:
             "cpu_replicas",
             "backup_every_steps",
             "num_workers",
+            "koleo_loss_weight",
+            "train_steps",
         ):
             if getattr(self, name) < 0:
                 fail(name, f"must be >= 0, got {getattr(self, name)}")
@@ -248,6 +297,8 @@ class TrainConfig:
             low, high = scale
             if not (0.0 < low <= high <= 1.0):
                 fail(name, f"needs 0 < min <= max <= 1, got {low},{high}")
+        if len(self.blur_sigma) != 2 or not 0.0 < self.blur_sigma[0] <= self.blur_sigma[1] <= 2.0:
+            fail("blur_sigma", f"needs two numbers 0 < min <= max <= 2, got {self.blur_sigma!r}")
         if self.local_crops_number > 0 and self.local_crops_scale[1] > self.global_crops_scale[0]:
             fail(
                 "local_crops_scale",

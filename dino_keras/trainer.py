@@ -54,7 +54,8 @@ class DinoTrainer(keras.Model):
         self.teacher_updater = None
         self.replica_jit_compile = False
         self._compiled_gradients = None
-        self.trackers = {name: keras.metrics.Mean(name=name) for name in MONITOR_NAMES}
+        monitor_names = MONITOR_NAMES + (("koleo_loss",) if dino_loss.koleo_loss_weight else ())
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in monitor_names}
         # Student and teacher come built; saying so spares Keras a symbolic build of the crops.
         self.built = True
 
@@ -86,9 +87,14 @@ class DinoTrainer(keras.Model):
         """Loss, monitors and teacher output for one batch of crops (no update)."""
         crops = list(crops)
         teacher_output = tf.stop_gradient(self.teacher(crops[:2], training=training))
-        student_output = self.student(crops, training=training)
+        student_features, student_output = self.student.features_and_outputs(
+            crops, training=training
+        )
         temperature = self.current_teacher_temperature(step)
-        loss, monitors = self.dino_loss(student_output, teacher_output, temperature)
+        global_batch_rows = 2 * tf.shape(crops[0])[0]
+        loss, monitors = self.dino_loss(
+            student_output, teacher_output, temperature, student_features[:global_batch_rows]
+        )
         return loss, monitors, teacher_output, temperature
 
     def loss_and_gradients(self, crops, step):

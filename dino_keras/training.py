@@ -94,7 +94,12 @@ def build_trainer(config: TrainConfig, steps: int, global_batch: int, strategy=N
     strategy = strategy or tf.distribute.get_strategy()
     multi_device = strategy.num_replicas_in_sync > 1
     student, teacher = build_student_and_teacher(config, synchronized_bn=multi_device)
-    dino_loss = DinoLoss(config.out_dim, num_student_crops=2 + config.local_crops_number)
+    dino_loss = DinoLoss(
+        config.out_dim,
+        num_student_crops=2 + config.local_crops_number,
+        centering=config.centering,
+        koleo_loss_weight=config.koleo_loss_weight,
+    )
     trainer = DinoTrainer(
         student,
         teacher,
@@ -128,6 +133,7 @@ def multicrop_dataset(config: TrainConfig, source: ImageSource, *, batch_size: i
         global_crops_scale=tuple(config.global_crops_scale),
         local_crops_scale=tuple(config.local_crops_scale),
         local_crops_number=config.local_crops_number,
+        blur_sigma=tuple(config.blur_sigma),
         batch_size=batch_size,
         seed=config.seed,
         **position,
@@ -160,14 +166,15 @@ def _run(config: TrainConfig, strategy, role: WorkerRole, extra_callbacks: list)
         # keras-cv layers ask for the global generator, refused under determinism unless set.
         tf.random.set_global_generator(tf.random.Generator.from_seed(config.seed))
     train_source, eval_source = resolve_sources(config)
+    replicas = strategy.num_replicas_in_sync
+    global_batch = config.batch_size_per_gpu * replicas
+    steps = steps_per_epoch(train_source.num_examples, global_batch)
+    config = config.with_epochs_for(steps)
     if role.is_chief:
         check_or_write_run_config(config)
     keras.utils.set_random_seed(config.seed)
     keras.mixed_precision.set_global_policy(config.compute_precision)
 
-    replicas = strategy.num_replicas_in_sync
-    global_batch = config.batch_size_per_gpu * replicas
-    steps = steps_per_epoch(train_source.num_examples, global_batch)
     say = print if role.is_chief else (lambda *args, **kwargs: None)
     say(
         f"Training on {train_source.name}: {train_source.num_examples} images, "
@@ -244,6 +251,7 @@ def _run(config: TrainConfig, strategy, role: WorkerRole, extra_callbacks: list)
               if config.backup_every_steps else []),
             *([knn] if knn else []),
             *(attention_images(config, eval_source or train_source) if role.is_chief else []),
+            cbs.CollapseGuard(config.out_dim, stop=config.stop_on_collapse, verbose=role.is_chief),
             cbs.EpochLog(run_log),
             cbs.SaveCheckpoints(checkpoint, config.saveckp_freq),
             *extra_callbacks,
@@ -310,6 +318,12 @@ def summarize(
         else None,
         "knn_top1_final": knn_records[-1]["knn_top1"] if knn_records else None,
         "knn_top5_final": knn_records[-1]["knn_top5"] if knn_records else None,
+        "knn_top1_pixels": next(
+            (r["knn_top1_pixels"] for r in knn_records if "knn_top1_pixels" in r), None
+        ),
+        "collapse": [
+            {"epoch": r["epoch"], "state": r["collapse"]} for r in trained if "collapse" in r
+        ],
         "training_seconds_this_run": round(seconds, 1),
         "checkpoint": checkpoint.latest_path,
         "log": run_log.path,

@@ -101,7 +101,7 @@ def _features(extract, dataset_fn, cache_dir: str, description: dict, split: str
 
 def run(flag_values) -> dict:
     from dino_keras.data.multicrop import build_eval_dataset
-    from dino_keras.evaluation.knn import extract_features, weighted_knn
+    from dino_keras.evaluation.knn import extract_features, extract_pixels, weighted_knn
     from dino_keras.run_loading import resolve_eval_sources
 
     if bool(flag_values.checkpoint) == bool(flag_values.saved_model):
@@ -152,6 +152,7 @@ def run(flag_values) -> dict:
         "train_data": train.name,
         "test_data": test.name,
         "knn": {},
+        "knn_pixels": {},
     }
     features = {}
     for split, source in (("train", train), ("test", test)):
@@ -176,16 +177,23 @@ def run(flag_values) -> dict:
         f"k-NN on {len(features['test'][1])} test images with a bank of "
         f"{len(features['train'][1])} ({image_size} px, T={flag_values.temperature})"
     )
-    for k in ks:
-        result = weighted_knn(
-            *features["train"],
-            *features["test"],
-            k=k,
-            temperature=flag_values.temperature,
-            num_classes=num_classes,
+    # The same k-NN on the images' own pixels: what the features add over them.
+    pixels = {
+        split: extract_pixels(
+            build_eval_dataset(source, image_size=image_size, batch_size=flag_values.batch_size)
         )
+        for split, source in (("train", train), ("test", test))
+    }
+    for k in ks:
+        knn = dict(k=k, temperature=flag_values.temperature, num_classes=num_classes)
+        result = weighted_knn(*features["train"], *features["test"], **knn)
+        baseline = weighted_knn(*pixels["train"], *pixels["test"], **knn)
         results["knn"][str(k)] = result
-        print(f"{k}-NN: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}%")
+        results["knn_pixels"][str(k)] = baseline
+        print(
+            f"{k}-NN: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}% "
+            f"(raw pixels: top-1 {baseline['top1']:.2f}%, top-5 {baseline['top5']:.2f}%)"
+        )
     if flag_values.output_json:
         with open(flag_values.output_json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)

@@ -367,8 +367,16 @@ def normalize(images: tf.Tensor) -> tf.Tensor:
 # Per-crop decisions and the whole chain
 # --------------------------------------------------------------------------- #
 
-def sample_crop_decisions(seed, spec: CropSpec, num_crops: int) -> CropDecisions:
-    """The reference's random choices for `num_crops` crops of one kind, from `seed` only."""
+def sample_crop_decisions(seed, spec: CropSpec, num_crops: int,
+                          blur_sigma: tuple[float, float] = BLUR_SIGMA_RANGE) -> CropDecisions:
+    """The reference's random choices for `num_crops` crops of one kind, from `seed` only.
+
+    `blur_sigma`: the range of the blur's sigma, at most `BLUR_SIGMA_RANGE`'s maximum (the
+    blur kernel's radius is sized for it).
+    """
+    if not 0.0 < blur_sigma[0] <= blur_sigma[1] <= BLUR_SIGMA_RANGE[1]:
+        raise ValueError(f"blur_sigma needs 0 < min <= max <= {BLUR_SIGMA_RANGE[1]}, "
+                         f"got {blur_sigma!r}")
     seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 8))
 
     def happens(stream_seed, probability):
@@ -385,7 +393,7 @@ def sample_crop_decisions(seed, spec: CropSpec, num_crops: int) -> CropDecisions
         jitter_factors=centres + tf.constant(JITTER_STRENGTHS) * offsets,
         grayscale=happens(seeds[4], GRAYSCALE_PROBABILITY),
         blur=happens(seeds[5], spec.blur_probability),
-        blur_sigma=tf.random.stateless_uniform([num_crops], seeds[6], *BLUR_SIGMA_RANGE),
+        blur_sigma=tf.random.stateless_uniform([num_crops], seeds[6], *blur_sigma),
         solarize=happens(seeds[7], spec.solarize_probability),
     )
 

@@ -77,14 +77,18 @@ def training_index_stream(num_examples: int, *, batch_size: int, seed: int, star
 def build_multicrop_dataset(source: ImageSource, *, global_crops_size: int, local_crops_size: int,
                             global_crops_scale: tuple[float, float],
                             local_crops_scale: tuple[float, float], local_crops_number: int,
-                            batch_size: int, seed: int, start_epoch: int = 0, skip_steps: int = 0,
+                            batch_size: int, seed: int,
+                            blur_sigma: tuple[float, float] = augment.BLUR_SIGMA_RANGE,
+                            start_epoch: int = 0, skip_steps: int = 0,
                             num_shards: int = 1, shard_index: int = 0, batch_shards: int = 1,
                             batch_shard_index: int = 0) -> tf.data.Dataset:
     """Endless batches (global_1, global_2, local_1, ..., local_N) of normalised float32 crops.
 
     Globals are [batch_size, G, G, 3], locals [batch_size, L, L, 3]. The stream starts at
     `start_epoch`, skipping its first `skip_steps` batches; each epoch has exactly
-    `steps_per_epoch(source.num_examples // num_shards, batch_size)` batches.
+    `steps_per_epoch(source.num_examples // num_shards, batch_size)` batches. `blur_sigma` is
+    the range of the gaussian-blur sigma in pixels of the crop (at most `augment.BLUR_SIGMA_RANGE`'s
+    maximum).
 
     `batch_shards` > 1 keeps only batches batch_shard_index, batch_shard_index + batch_shards,
     ... of that stream, chosen before any image is read: loader processes that each make one
@@ -112,12 +116,12 @@ def build_multicrop_dataset(source: ImageSource, *, global_crops_size: int, loca
             _seed_of(seed, epoch[0], _AUGMENT_STREAM, positions[0]), 2))
         global_decisions = augment.concat_decisions([
             augment.sample_crop_decisions(tf.random.experimental.stateless_fold_in(global_seed, i),
-                                          spec, batch_size)
+                                          spec, batch_size, blur_sigma)
             for i, spec in enumerate((augment.GLOBAL_1, augment.GLOBAL_2))])
         outputs = tf.split(augment.augment_crops(crops_per_kind[0], global_decisions), 2)
         if local_crops_number:
             local_decisions = augment.sample_crop_decisions(
-                local_seed, augment.LOCAL, local_crops_number * batch_size)
+                local_seed, augment.LOCAL, local_crops_number * batch_size, blur_sigma)
             outputs += tf.split(augment.augment_crops(crops_per_kind[1], local_decisions),
                                 local_crops_number)
         return tuple(outputs)

@@ -41,6 +41,20 @@ def extract_features(backbone, dataset, strategy=None) -> tuple[np.ndarray, np.n
     return np.concatenate(features), np.concatenate(labels).astype(np.int64)
 
 
+def extract_pixels(dataset) -> tuple[np.ndarray, np.ndarray]:
+    """The raw-pixel baseline's features (what a backbone's features have to beat): the
+    evaluation images exactly as the backbone sees them, flattened and L2-normalised; and the
+    labels."""
+    features, labels = [], []
+    for images, batch_labels in dataset:
+        flat = tf.reshape(tf.cast(images, tf.float32), [tf.shape(images)[0], -1])
+        features.append(tf.math.l2_normalize(flat, axis=-1).numpy())
+        labels.append(batch_labels.numpy())
+    if not features:
+        raise ValueError("the evaluation dataset is empty")
+    return np.concatenate(features), np.concatenate(labels).astype(np.int64)
+
+
 def weighted_knn(
     train_features,
     train_labels,
@@ -88,6 +102,23 @@ class KnnEvaluator:
     k: int = 20
     temperature: float = 0.07
     strategy: tf.distribute.Strategy | None = None  # features computed on all replicas
+    _pixel_result: dict | None = dataclasses.field(default=None, init=False, repr=False)
+
+    def pixel_baseline(self) -> dict:
+        """The same k-NN on the evaluation images' own pixels (computed once)."""
+        if self._pixel_result is None:
+            train_pixels, train_labels = extract_pixels(self.train_dataset)
+            test_pixels, test_labels = extract_pixels(self.test_dataset)
+            self._pixel_result = weighted_knn(
+                train_pixels,
+                train_labels,
+                test_pixels,
+                test_labels,
+                k=self.k,
+                temperature=self.temperature,
+                num_classes=self.num_classes,
+            )
+        return self._pixel_result
 
     def __call__(self, backbone) -> dict:
         train_features, train_labels = extract_features(

@@ -29,6 +29,11 @@ class MultiCropWrapper(keras.Model):
         return features[0] if len(features) == 1 else ops.concatenate(features, axis=0)
 
     def call(self, crops, training=False):
+        return self.features_and_outputs(crops, training=training)[1]
+
+    def features_and_outputs(self, crops, training=False):
+        """(backbone features [n_crops * B, D], head outputs [n_crops * B, out_dim])."""
         if not isinstance(crops, (list, tuple)):
             crops = [crops]
-        return self.head(self.backbone_features(crops, training=training), training=training)
+        features = self.backbone_features(crops, training=training)
+        return features, self.head(features, training=training)
