@@ -10,6 +10,7 @@ labels) is the class order. Sets (images per class: train + test):
 
 * fashion_a: Fashion-MNIST classes 0-4 (t-shirt/top ... coat), 600 + 200, 28 px;
 * fashion_b: Fashion-MNIST classes 5-9 (sandal ... ankle boot), 600 + 200, resized to 24 px;
+* fashion_c: all ten Fashion-MNIST classes, 250 + 100, resized to 20 px;
 * digits: scikit-learn's bundled 8x8 digits (1,797 images, no download), bicubic to 32 px,
   stratified 80/20 split;
 * shapes: 10 generated shapes (circle, ellipse, square, diamond, triangle, cross, star, ring,
@@ -83,12 +84,20 @@ TEXTURE_CLASSES = (
     "bandpass_noise",
 )
 # Fixed numbers that make each set's random stream independent of the others and of --sets.
-SET_KEYS = {"fashion_a": 1, "fashion_b": 2, "digits": 3, "shapes": 4, "textures": 5}
+SET_KEYS = {
+    "fashion_a": 1,
+    "fashion_b": 2,
+    "digits": 3,
+    "shapes": 4,
+    "textures": 5,
+    "fashion_c": 6,
+}
 SET_NAMES = tuple(SET_KEYS)
 SPLITS = ("train", "test")
 SPLIT_KEYS = {"train": 0, "test": 1}
 GENERATED_PER_CLASS = {"train": 300, "test": 100}
 FASHION_PER_CLASS = {"train": 600, "test": 200}
+FASHION_C_PER_CLASS = {"train": 250, "test": 100}
 DIGITS_TEST_FRACTION = 0.2
 INFO_FILE = "info.json"
 
@@ -242,7 +251,7 @@ def _require_scikit_learn() -> None:
 
 def check_inputs(name: str, fashion_mnist_dir: str) -> None:
     """Raises UsageError if the data `name` is made from is missing."""
-    if name in ("fashion_a", "fashion_b"):
+    if name in ("fashion_a", "fashion_b", "fashion_c"):
         _fashion_mnist_paths(fashion_mnist_dir, name)
     elif name == "digits":
         _require_scikit_learn()
@@ -259,7 +268,16 @@ def _resize(image: np.ndarray, size: int) -> np.ndarray:
     return np.clip(np.rint(np.asarray(resized)), 0, 255).astype(np.uint8)
 
 
-def make_fashion(name: str, rng, *, classes, image_size: int, directory: str, limit: int):
+def make_fashion(
+    name: str,
+    rng,
+    *,
+    classes,
+    image_size: int,
+    directory: str,
+    limit: int,
+    per_class_counts: dict = FASHION_PER_CLASS,
+):
     data = {
         split: (read_idx(images), read_idx(labels))
         for split, (images, labels) in _fashion_mnist_paths(directory, name).items()
@@ -271,7 +289,7 @@ def make_fashion(name: str, rng, *, classes, image_size: int, directory: str, li
         for original in classes:
             # The full set's selection, then its first `limit`: a limited set is a subset.
             chosen = rng.permutation(np.flatnonzero(split_labels == original))
-            chosen = chosen[: _limit(FASHION_PER_CLASS[split], limit)]
+            chosen = chosen[: _limit(per_class_counts[split], limit)]
             per_class.append([_resize(split_images[i], image_size) for i in chosen])
         images[split], labels[split] = _stack(per_class)
     return ImageSet(
@@ -283,7 +301,7 @@ def make_fashion(name: str, rng, *, classes, image_size: int, directory: str, li
             "data": "Fashion-MNIST",
             "directory": directory,
             "fashion_mnist_labels": list(classes),
-            "per_class": dict(FASHION_PER_CLASS),
+            "per_class": dict(per_class_counts),
             "resize": "bicubic" if image_size != 28 else None,
         },
     )
@@ -504,6 +522,16 @@ def make_set(name: str, seed: int, *, limit: int, fashion_mnist_dir: str) -> Ima
     if name == "fashion_b":
         return make_fashion(
             name, rng, classes=range(5, 10), image_size=24, directory=fashion_mnist_dir, limit=limit
+        )
+    if name == "fashion_c":
+        return make_fashion(
+            name,
+            rng,
+            classes=range(10),
+            image_size=20,
+            directory=fashion_mnist_dir,
+            limit=limit,
+            per_class_counts=FASHION_C_PER_CLASS,
         )
     if name == "digits":
         return make_digits(rng, limit=limit)

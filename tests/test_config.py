@@ -62,11 +62,27 @@ def test_flag_values_and_lists_are_typed():
         (["--momentum_teacher=1.5"], "--momentum_teacher"),
         (["--embed_dim=100", "--num_heads=3"], "--num_heads"),
         (["--data_path="], "--data_path"),
+        (["--centering=sinkhorn"], "--centering"),
+        (["--koleo_loss_weight=-1"], "--koleo_loss_weight"),
+        (["--blur_sigma=0,1"], "--blur_sigma"),
+        (["--blur_sigma=0.1,3"], "--blur_sigma"),
+        (["--train_steps=-5"], "--train_steps"),
     ],
 )
 def test_invalid_values_name_the_flag(argv, flag):
     with pytest.raises(ConfigError, match=f"^{flag}"):
         parse(*argv)
+
+
+def test_train_steps_sets_the_epochs_from_the_data_size():
+    config = parse("--train_steps=1000", "--epochs=1", "--warmup_epochs=1")
+    assert config.with_epochs_for(23).epochs == 44  # ceil(1000 / 23)
+    assert config.with_epochs_for(1000).epochs == 1
+    assert (
+        parse("--epochs=7", "--warmup_epochs=1").with_epochs_for(23).epochs == 7
+    )  # no --train_steps: --epochs
+    with pytest.raises(ConfigError, match=r"^--warmup_epochs.*--train_steps=1000 at 500 steps"):
+        parse("--train_steps=1000", "--epochs=20", "--warmup_epochs=10").with_epochs_for(500)
 
 
 def test_multicrop_can_be_disabled():

@@ -304,3 +304,16 @@ def test_crop_and_resize_equals_tf_image_resize_of_the_crop(rng, dtype):
                 image, *(np.int32(v) for v in (top, left, height, width))):
             assert result.shape == (size, size, 3) and result.dtype == np.float32
             np.testing.assert_allclose(result, expected, atol=1e-6)
+
+
+def test_blur_sigma_range_is_a_setting():
+    seed = tf.constant([3, 4], tf.int64)
+    default = augment.sample_crop_decisions(seed, augment.GLOBAL_1, 500)
+    small = augment.sample_crop_decisions(seed, augment.GLOBAL_1, 500, blur_sigma=(0.1, 0.5))
+    assert float(tf.reduce_max(default.blur_sigma)) > 1.5
+    assert 0.1 <= float(tf.reduce_min(small.blur_sigma)) <= float(tf.reduce_max(small.blur_sigma))
+    assert float(tf.reduce_max(small.blur_sigma)) <= 0.5
+    # Only the sigma changes: every other decision is the same draw.
+    np.testing.assert_array_equal(default.flip.numpy(), small.flip.numpy())
+    with pytest.raises(ValueError, match="blur_sigma"):
+        augment.sample_crop_decisions(seed, augment.GLOBAL_1, 5, blur_sigma=(0.1, 3.0))
