@@ -22,7 +22,6 @@ FLOPs are counted analytically (`dino_flops_per_image`).
 from __future__ import annotations
 
 import dataclasses
-import importlib.abc
 import json
 import math
 import os
@@ -34,6 +33,7 @@ import tempfile
 import time
 
 from dino_keras.config import ConfigError, TrainConfig
+from dino_keras.hide_torch import hide_torch
 
 CASES = ("matmul_peak", "step", "pipeline", "fit")
 RECIPES = ("paper", "demo")
@@ -551,25 +551,13 @@ _CASE_FUNCTIONS = {
 }
 
 
-class _HideTorch(importlib.abc.MetaPathFinder):
-    """Makes `import torch` raise ImportError, as if PyTorch were not installed."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-
 def _child_main(argv: list[str]) -> None:
     """`python -m dino_keras.benchmarking CASE SETTINGS_JSON RESULT_PATH`: one case."""
     case, settings, result_path = argv
     # Measure the runtime install (requirements.txt, no PyTorch). A development venv has PyTorch
     # for the parity tests, and keras-cv imports it whenever it is installed, which adds 0.47 GiB
     # of resident memory to every case; hidden here, keras-cv skips it.
-    # (An import hook, not sys.modules["torch"] = None: SciPy, when installed, reads
-    # sys.modules["torch"].Tensor whenever "torch" is in sys.modules.)
-    if "torch" not in sys.modules:
-        sys.meta_path.insert(0, _HideTorch())
+    hide_torch()
     values = json.loads(settings)
     values["cases"] = tuple(values["cases"])
     config = BenchmarkConfig(**values)

@@ -46,7 +46,7 @@ _ERROR = "error"
 # keras-cv imports PyTorch whenever it is installed (+0.5 GiB); a loader process never needs it,
 # so it is hidden before anything is imported.
 _WORKER_COMMAND = (
-    "import json, sys; sys.modules.setdefault('torch', None); "
+    "import json, sys; from dino_keras.hide_torch import hide_torch; hide_torch(); "
     "from dino_keras.data.loader_processes import _worker_main; "
     "_worker_main(json.loads(sys.argv[1]))"
 )
