@@ -25,6 +25,7 @@ def _entropy(probs, log_probs):
 
 
 def _all_replicas_sum(value):
+    """`value` (a tensor or a list of them) summed over all replicas, in one all-reduce."""
     replica_context = tf.distribute.get_replica_context()
     if replica_context is not None and replica_context.num_replicas_in_sync > 1:
         return replica_context.all_reduce(tf.distribute.ReduceOp.SUM, value)
@@ -185,11 +186,7 @@ class DinoLoss(tf.Module):
         teacher_output = tf.cast(teacher_output, tf.float32)
         batch_sum = tf.reduce_sum(teacher_output, axis=0, keepdims=True)
         count = tf.cast(tf.shape(teacher_output)[0], tf.float32)
-        replica_context = tf.distribute.get_replica_context()
-        if replica_context is not None and replica_context.num_replicas_in_sync > 1:
-            batch_sum, count = replica_context.all_reduce(
-                tf.distribute.ReduceOp.SUM, [batch_sum, count]
-            )
+        batch_sum, count = _all_replicas_sum([batch_sum, count])
         batch_center = batch_sum / count
         self.center.assign(
             self.center * self.center_momentum + batch_center * (1.0 - self.center_momentum)

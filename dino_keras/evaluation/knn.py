@@ -107,30 +107,19 @@ class KnnEvaluator:
     def pixel_baseline(self) -> dict:
         """The same k-NN on the evaluation images' own pixels (computed once)."""
         if self._pixel_result is None:
-            train_pixels, train_labels = extract_pixels(self.train_dataset)
-            test_pixels, test_labels = extract_pixels(self.test_dataset)
-            self._pixel_result = weighted_knn(
-                train_pixels,
-                train_labels,
-                test_pixels,
-                test_labels,
-                k=self.k,
-                temperature=self.temperature,
-                num_classes=self.num_classes,
+            self._pixel_result = self._knn(
+                extract_pixels(self.train_dataset), extract_pixels(self.test_dataset)
             )
         return self._pixel_result
 
     def __call__(self, backbone) -> dict:
-        train_features, train_labels = extract_features(
-            backbone, self.train_dataset, self.strategy
+        return self._knn(
+            extract_features(backbone, self.train_dataset, self.strategy),
+            extract_features(backbone, self.test_dataset, self.strategy),
         )
-        test_features, test_labels = extract_features(backbone, self.test_dataset, self.strategy)
+
+    def _knn(self, train, test) -> dict:
+        """`weighted_knn` of (features, labels) pairs with this evaluator's settings."""
         return weighted_knn(
-            train_features,
-            train_labels,
-            test_features,
-            test_labels,
-            k=self.k,
-            temperature=self.temperature,
-            num_classes=self.num_classes,
+            *train, *test, k=self.k, temperature=self.temperature, num_classes=self.num_classes
         )
