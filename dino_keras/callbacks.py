@@ -1,5 +1,5 @@
-"""Keras callbacks of a DINO run: teacher EMA, evaluation, logging, checkpoints, NaN stop,
-memory release while the step compiles."""
+"""Keras callbacks of a DINO run. They observe the training; none takes part in the step:
+evaluation, logging, checkpoints, NaN stop, memory release while the step compiles."""
 
 from __future__ import annotations
 
@@ -13,73 +13,8 @@ import keras
 import tensorflow as tf
 
 from dino_keras import memory
-from dino_keras.schedules import cosine_schedule
 
 log = logging.getLogger(__name__)
-
-
-class TeacherMomentum(keras.callbacks.Callback):
-    """Owns the teacher momentum schedule (cosine from `base_momentum` to 1) and the EMA.
-
-    It registers itself with the `DinoTrainer`, whose compiled `train_step` calls `update`
-    once per optimiser step: a callback hook would run once per `steps_per_execution` steps.
-    Only parameters are averaged (the trainable weights of the student, plus the frozen
-    weight-norm gain); the teacher's BatchNorm statistics come from its own forward passes,
-    as in the reference.
-    """
-
-    def __init__(self, base_momentum: float, total_steps: int):
-        super().__init__()
-        self.base_momentum = base_momentum
-        self.total_steps = total_steps
-
-    def set_model(self, model):
-        super().set_model(model)
-        model.attach_teacher_updater(self)
-
-    def momentum(self, step):
-        return tf.cast(
-            cosine_schedule(
-                step, base_value=self.base_momentum, final_value=1.0, total_steps=self.total_steps
-            ),
-            tf.float32,
-        )
-
-    def variable_pairs(self):
-        """(teacher, student) parameter pairs, matched by their path inside the networks."""
-        return matching_parameters(self.model.student, self.model.teacher)
-
-    def update(self, step):
-        momentum = self.momentum(step)
-        pairs = self.variable_pairs()
-        replica_context = tf.distribute.get_replica_context()
-        if replica_context is not None and tf.distribute.has_strategy():
-            replica_context.merge_call(_ema_cross_replica, args=(pairs, momentum))
-        else:
-            for teacher_var, student_var in pairs:
-                teacher_var.assign(teacher_var * momentum + student_var * (1.0 - momentum))
-        return momentum
-
-
-def matching_parameters(student, teacher):
-    """(teacher, student) pairs of the student's parameters and the teacher's twins."""
-
-    def relative(variable):
-        return variable.path.split("/", 1)[1]
-
-    teacher_by_path = {relative(v): v for v in teacher.variables}
-    parameters = list(student.trainable_variables) + [
-        v for v in student.non_trainable_variables if v.path.endswith("last_layer/gain")
-    ]
-    return [(teacher_by_path[relative(v)], v) for v in parameters]
-
-
-def _ema_cross_replica(strategy, pairs, momentum):
-    def ema(teacher_var, student_value, m):
-        return teacher_var.assign(teacher_var * m + student_value * (1.0 - m))
-
-    for teacher_var, student_var in pairs:
-        strategy.extended.update(teacher_var.value, ema, args=(student_var.value, momentum))
 
 
 class RunLog:

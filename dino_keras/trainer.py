@@ -3,10 +3,9 @@
 Per step (all inside one XLA-compiled function when `jit_compile=True`):
 teacher forward on the two global crops, student forward on all crops, loss with the current
 centre and teacher temperature, gradients, the optimiser update (clipping, last-layer freezing,
-scheduled lr and weight decay: `dino_keras.optim`), the teacher EMA (owned by the
-`TeacherMomentum` callback, applied here so that it happens exactly once per optimiser step
-whatever `steps_per_execution` is) and the centre update. Every schedule reads the optimiser's
-step counter, so a restored optimiser resumes every schedule.
+scheduled lr and weight decay: `dino_keras.optim`), the teacher EMA with the scheduled momentum
+(`dino_keras.teacher_ema`) and the centre update. Every schedule reads the optimiser's step
+counter, so a restored optimiser resumes every schedule. No callback takes part in the step.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import tensorflow as tf
 
 from dino_keras.loss import DinoLoss
 from dino_keras.schedules import teacher_temperature
+from dino_keras.teacher_ema import matching_parameters, update_teacher
 
 MONITOR_NAMES = ("loss", "teacher_entropy", "teacher_batch_entropy", "kl_teacher_student")
 
@@ -26,8 +26,14 @@ class DinoTrainer(keras.Model):
     Args:
         student, teacher: `MultiCropWrapper`s with identical architecture.
         dino_loss: the `DinoLoss` (owns the centre variable).
+        momentum_schedule: the teacher momentum as a function of the optimiser step
+            (`teacher_ema.momentum_schedule`).
         steps_per_epoch: optimiser steps per epoch (for the per-epoch teacher temperature).
         warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs: the temperature schedule.
+
+    `compile(jit_compile=True)` XLA-compiles the whole step on one device or a TPU; under a
+    strategy with several CPU or GPU devices it compiles each replica's forward and backward
+    pass instead (XLA cannot compile a step that touches every replica's variables).
     """
 
     def __init__(
@@ -36,6 +42,7 @@ class DinoTrainer(keras.Model):
         teacher,
         dino_loss: DinoLoss,
         *,
+        momentum_schedule,
         steps_per_epoch: int,
         warmup_teacher_temp: float,
         teacher_temp: float,
@@ -51,7 +58,8 @@ class DinoTrainer(keras.Model):
         self.warmup_teacher_temp = warmup_teacher_temp
         self.teacher_temp = teacher_temp
         self.warmup_teacher_temp_epochs = warmup_teacher_temp_epochs
-        self.teacher_updater = None
+        self.momentum_schedule = momentum_schedule
+        self.teacher_student_pairs = matching_parameters(student, teacher)
         self.replica_jit_compile = False
         self._compiled_gradients = None
         monitor_names = MONITOR_NAMES + (("koleo_loss",) if dino_loss.koleo_loss_weight else ())
@@ -68,9 +76,13 @@ class DinoTrainer(keras.Model):
     def metrics(self):
         return list(self.trackers.values())
 
-    def attach_teacher_updater(self, updater) -> None:
-        """Called by the `TeacherMomentum` callback: it provides `update(step)`."""
-        self.teacher_updater = updater
+    def compile(self, optimizer, *, jit_compile: bool = True, steps_per_execution: int = 1):
+        strategy = tf.distribute.get_strategy()
+        per_replica = (strategy.num_replicas_in_sync > 1
+                       and not isinstance(strategy, tf.distribute.TPUStrategy))
+        super().compile(optimizer=optimizer, jit_compile=jit_compile and not per_replica,
+                        steps_per_execution=steps_per_execution)
+        self.replica_jit_compile = jit_compile and per_replica
 
     def current_teacher_temperature(self, step):
         return teacher_temperature(
@@ -114,11 +126,6 @@ class DinoTrainer(keras.Model):
         return loss, monitors, teacher_output, temperature, gradients
 
     def train_step(self, data):
-        if self.teacher_updater is None:
-            raise RuntimeError(
-                "DinoTrainer.fit needs the TeacherMomentum callback "
-                "(dino_keras.callbacks.TeacherMomentum) to update the teacher."
-            )
         # Keras wraps single-element batches as (x,): unwrap to the crops.
         crops = data[0] if len(data) == 1 else data
         step = tf.identity(self.optimizer.iterations)
@@ -136,7 +143,8 @@ class DinoTrainer(keras.Model):
         inner_optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
         lr, wd = inner_optimizer.learning_rate, inner_optimizer.current_weight_decay()
         self.optimizer.apply(gradients, variables)
-        momentum = self.teacher_updater.update(step)
+        momentum = self.momentum_schedule(step)
+        update_teacher(self.teacher_student_pairs, momentum)
         self.dino_loss.update_center(teacher_output)
 
         self.trackers["loss"].update_state(loss)

@@ -32,6 +32,7 @@ from dino_keras.loss import DinoLoss
 from dino_keras.models.factory import build_student_and_teacher
 from dino_keras.optim import DinoLossScaleOptimizer, DinoOptimizer
 from dino_keras.schedules import CosineSchedule
+from dino_keras.teacher_ema import momentum_schedule
 from dino_keras.trainer import DinoTrainer
 
 log = logging.getLogger(__name__)
@@ -104,21 +105,15 @@ def build_trainer(config: TrainConfig, steps: int, global_batch: int, strategy=N
         student,
         teacher,
         dino_loss,
+        momentum_schedule=momentum_schedule(config.momentum_teacher, config.epochs * steps),
         steps_per_epoch=steps,
         warmup_teacher_temp=config.warmup_teacher_temp,
         teacher_temp=config.teacher_temp,
         warmup_teacher_temp_epochs=config.warmup_teacher_temp_epochs,
     )
     optimizer = build_optimizer(config, global_batch, steps)
-    # XLA compiles a step for one device: on several GPUs/CPUs each replica's forward and
-    # backward pass is compiled instead (TPUStrategy compiles everything itself).
-    per_replica_jit = multi_device and not isinstance(strategy, tf.distribute.TPUStrategy)
-    trainer.compile(
-        optimizer=optimizer,
-        jit_compile=config.jit_compile and not per_replica_jit,
-        steps_per_execution=config.steps_per_execution,
-    )
-    trainer.replica_jit_compile = config.jit_compile and per_replica_jit
+    trainer.compile(optimizer, jit_compile=config.jit_compile,
+                    steps_per_execution=config.steps_per_execution)
     optimizer.build(student.trainable_variables)
     return trainer
 
@@ -245,7 +240,6 @@ def _run(config: TrainConfig, strategy, role: WorkerRole, extra_callbacks: list)
     if initial_epoch < config.epochs:
         callbacks = [
             cbs.ReleaseFreeMemoryWhileCompiling(),
-            cbs.TeacherMomentum(config.momentum_teacher, config.epochs * steps),
             cbs.StopOnNonFiniteLoss(steps, config.checkpoint_dir),
             *([cbs.SaveBackups(checkpoint, config.backup_every_steps, steps)]
               if config.backup_every_steps else []),

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dino_keras.callbacks import TeacherMomentum, matching_parameters
+from dino_keras.teacher_ema import matching_parameters
 from dino_keras.training import build_trainer
 from tests.helpers import tiny_config
 
@@ -30,24 +30,23 @@ def make_trainer(**overrides):
     keras.utils.set_random_seed(0)  # identical initial weights for every trainer of a test
     config = tiny_config(momentum_teacher=0.9, **overrides)
     trainer = build_trainer(config, STEPS_PER_EPOCH, config.batch_size_per_gpu)
-    ema = TeacherMomentum(config.momentum_teacher, config.epochs * STEPS_PER_EPOCH)
-    return trainer, ema
+    return trainer
 
 
 def test_teacher_starts_as_exact_copy_and_is_not_trainable():
-    trainer, _ = make_trainer()
+    trainer = make_trainer()
     assert trainer.teacher.trainable_variables == []
     for teacher_var, student_var in matching_parameters(trainer.student, trainer.teacher):
         np.testing.assert_array_equal(teacher_var.numpy(), student_var.numpy())
 
 
 def test_one_step_applies_ema_with_scheduled_momentum_and_updates_center():
-    trainer, ema = make_trainer()
+    trainer = make_trainer()
     pairs = matching_parameters(trainer.student, trainer.teacher)
     teacher_before = [t.numpy() for t, _ in pairs]
     crops = fixed_crops()
     teacher_out = trainer.teacher(list(crops[:2]), training=True).numpy()
-    trainer.fit(crops_dataset(1), epochs=1, steps_per_epoch=1, callbacks=[ema], verbose=0)
+    trainer.fit(crops_dataset(1), epochs=1, steps_per_epoch=1, verbose=0)
     m = 0.9  # momentum schedule at step 0 is the base value
     for (teacher_var, student_var), before in zip(pairs, teacher_before, strict=False):
         np.testing.assert_allclose(
@@ -61,10 +60,10 @@ def test_one_step_applies_ema_with_scheduled_momentum_and_updates_center():
 
 @pytest.mark.parametrize("steps_per_execution", [2, 4])
 def test_ema_once_per_optimizer_step_with_steps_per_execution(steps_per_execution):
-    reference, ema = make_trainer()
-    reference.fit(crops_dataset(4), epochs=1, steps_per_epoch=4, callbacks=[ema], verbose=0)
-    grouped, ema_grouped = make_trainer(steps_per_execution=steps_per_execution)
-    grouped.fit(crops_dataset(4), epochs=1, steps_per_epoch=4, callbacks=[ema_grouped], verbose=0)
+    reference = make_trainer()
+    reference.fit(crops_dataset(4), epochs=1, steps_per_epoch=4, verbose=0)
+    grouped = make_trainer(steps_per_execution=steps_per_execution)
+    grouped.fit(crops_dataset(4), epochs=1, steps_per_epoch=4, verbose=0)
     assert int(grouped.optimizer.iterations) == 4
     for (a, _), (b, _) in zip(
         matching_parameters(reference.student, reference.teacher),
@@ -78,14 +77,13 @@ def test_ema_once_per_optimizer_step_with_steps_per_execution(steps_per_executio
 
 
 def test_last_layer_not_updated_during_first_epoch_then_updated():
-    trainer, ema = make_trainer(freeze_last_layer=1)
+    trainer = make_trainer(freeze_last_layer=1)
     last = trainer.student.head.last_layer.kernel_v
     initial = last.numpy()
     trainer.fit(
         crops_dataset(STEPS_PER_EPOCH),
         epochs=1,
         steps_per_epoch=STEPS_PER_EPOCH,
-        callbacks=[ema],
         verbose=0,
     )
     np.testing.assert_array_equal(last.numpy(), initial)
@@ -94,21 +92,28 @@ def test_last_layer_not_updated_during_first_epoch_then_updated():
         epochs=2,
         initial_epoch=1,
         steps_per_epoch=STEPS_PER_EPOCH,
-        callbacks=[ema],
         verbose=0,
     )
     assert not np.allclose(last.numpy(), initial)
 
 
-def test_fit_without_teacher_momentum_callback_is_a_clear_error():
-    trainer, _ = make_trainer()
-    with pytest.raises(RuntimeError, match="TeacherMomentum"):
-        trainer.fit(crops_dataset(1), epochs=1, steps_per_epoch=1, verbose=0)
+def test_fit_alone_runs_the_momentum_schedule_from_base_to_one():
+    trainer = make_trainer()
+    total = trainer.momentum_schedule.total_steps
+    assert total == tiny_config().epochs * STEPS_PER_EPOCH
+    assert float(trainer.momentum_schedule(0)) == pytest.approx(0.9)
+    # the reference's cosine table over `total` steps: its last entry is just below 1
+    last = 1.0 - 0.1 * 0.5 * (1.0 + np.cos(np.pi * (total - 1) / total))
+    assert float(trainer.momentum_schedule(total - 1)) == pytest.approx(last)
+    assert float(trainer.momentum_schedule(10 * total)) == pytest.approx(last)
+    history = trainer.fit(crops_dataset(2), epochs=1, steps_per_epoch=2, verbose=0)
+    # the logged momentum is the last step's (step 1), and no callback was given
+    assert history.history["momentum"][-1] == pytest.approx(float(trainer.momentum_schedule(1)))
 
 
 def test_logs_report_schedules_and_collapse_monitors():
-    trainer, ema = make_trainer()
-    history = trainer.fit(crops_dataset(2), epochs=1, steps_per_epoch=2, callbacks=[ema], verbose=0)
+    trainer = make_trainer()
+    history = trainer.fit(crops_dataset(2), epochs=1, steps_per_epoch=2, verbose=0)
     logs = {k: v[-1] for k, v in history.history.items()}
     for name in (
         "loss",
@@ -128,14 +133,14 @@ def test_logs_report_schedules_and_collapse_monitors():
 
 def test_mixed_bfloat16_step_is_finite():
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    trainer, ema = make_trainer(precision="mixed_bfloat16")
-    history = trainer.fit(crops_dataset(2), epochs=1, steps_per_epoch=2, callbacks=[ema], verbose=0)
+    trainer = make_trainer(precision="mixed_bfloat16")
+    history = trainer.fit(crops_dataset(2), epochs=1, steps_per_epoch=2, verbose=0)
     assert np.isfinite(history.history["loss"][-1])
     assert trainer.student.backbone.cls_token.dtype == "float32"  # variables stay float32
 
 
 def test_teacher_batchnorm_uses_batch_statistics_and_updates_its_own():
-    trainer, ema = make_trainer(use_bn_in_head=True)
+    trainer = make_trainer(use_bn_in_head=True)
     teacher_bn = [v for v in trainer.teacher.variables if "moving_" in v.path]
     student_bn = [v for v in trainer.student.variables if "moving_" in v.path]
     assert len(teacher_bn) == len(student_bn) == 4
@@ -149,7 +154,7 @@ def test_teacher_batchnorm_uses_batch_statistics_and_updates_its_own():
     for variable in teacher_bn:  # the probe call above updated them; start again
         initial = np.zeros if "mean" in variable.path else np.ones
         variable.assign(initial(variable.shape))
-    trainer.fit(crops_dataset(1), epochs=1, steps_per_epoch=1, callbacks=[ema], verbose=0)
+    trainer.fit(crops_dataset(1), epochs=1, steps_per_epoch=1, verbose=0)
     # One teacher forward pass over both global crops: running = 0.9 * initial + 0.1 * batch.
     both = np.concatenate([trainer.teacher.backbone(c).numpy() for c in crops[:2]])
     hidden = trainer.teacher.head.mlp_layers[0](both).numpy()
@@ -164,13 +169,13 @@ def test_teacher_batchnorm_uses_batch_statistics_and_updates_its_own():
 
 def test_fp16_step_skipped_by_the_loss_scaler_still_advances_the_schedules():
     keras.mixed_precision.set_global_policy("mixed_float16")
-    trainer, ema = make_trainer(use_fp16=True, freeze_last_layer=0)
+    trainer = make_trainer(use_fp16=True, freeze_last_layer=0)
     optimizer = trainer.optimizer
     inner = optimizer.inner_optimizer
     weights = [v.numpy() for v in trainer.student.trainable_variables]
     # A loss scale of 2^100 overflows every float16 gradient: the scaler skips the update.
     optimizer.dynamic_scale.assign(2.0**100)
-    trainer.fit(crops_dataset(1), epochs=1, steps_per_epoch=1, callbacks=[ema], verbose=0)
+    trainer.fit(crops_dataset(1), epochs=1, steps_per_epoch=1, verbose=0)
     assert float(optimizer.dynamic_scale.numpy()) == 2.0**99
     for before, variable in zip(weights, trainer.student.trainable_variables, strict=True):
         np.testing.assert_array_equal(variable.numpy(), before, err_msg=variable.path)
@@ -181,7 +186,7 @@ def test_fp16_step_skipped_by_the_loss_scaler_still_advances_the_schedules():
         float(inner.learning_rate.numpy()), float(inner._learning_rate(1)), rtol=1e-6
     )
     optimizer.dynamic_scale.assign(1.0)
-    trainer.fit(crops_dataset(1), epochs=1, steps_per_epoch=1, callbacks=[ema], verbose=0)
+    trainer.fit(crops_dataset(1), epochs=1, steps_per_epoch=1, verbose=0)
     assert int(optimizer.iterations.numpy()) == 2
     assert all(int(step.numpy()) == 1 for step in inner._steps)
     assert any(

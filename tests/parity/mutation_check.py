@@ -67,9 +67,8 @@ def _lr_one_step_late(trainer):
 
 
 def _momentum_one_step_late(trainer):
-    updater = trainer.teacher_updater
-    momentum = updater.momentum
-    updater.momentum = lambda step: momentum(step + 1)
+    momentum = trainer.momentum_schedule
+    trainer.momentum_schedule = lambda step: momentum(step + 1)
 
 
 def _center_momentum(trainer):

@@ -35,7 +35,6 @@ import tensorflow as tf
 import test_train_step_parity as steps
 import torch
 
-from dino_keras.callbacks import TeacherMomentum
 from dino_keras.checkpointing import TrainingCheckpoint
 from dino_keras.convert import convert
 from dino_keras.training import build_trainer
@@ -204,7 +203,6 @@ def test_three_steps_bn_head(tmp_path, report_diff):
     # dino_keras: the compiled train step on the fixed crops.
     masks = null_gradient_masks()
     keras_seen = zero_null_gradients_keras(trainer, masks, initial_state)
-    TeacherMomentum(config.momentum_teacher, config.epochs * STEPS_PER_EPOCH).set_model(trainer)
     recorder = LossesAndTeacherOutputs(trainer)
     batches = steps.fixed_crops(seed=13)
     dataset = tf.data.Dataset.from_tensor_slices(

@@ -27,7 +27,6 @@ import tensorflow as tf
 import timm
 import torch
 
-from dino_keras.callbacks import TeacherMomentum
 from dino_keras.checkpointing import TrainingCheckpoint
 from dino_keras.convert import backbone_assignments, convert, head_assignments
 from dino_keras.training import build_trainer
@@ -171,7 +170,6 @@ def measure(tmp_path, *, steps_per_epoch: int, keras_hook=None, **flags) -> Meas
         center=trainer.center,
     )
     assert restored.restore_latest() == 0
-    TeacherMomentum(config.momentum_teacher, config.epochs * steps_per_epoch).set_model(trainer)
     if keras_hook is not None:
         keras_hook(trainer)
     batches = fixed_crops(seed=13)

@@ -1,4 +1,4 @@
-"""scripts/benchmark.py --short as a command: JSON lines of every case, finite figures, table."""
+"""benchmarks/benchmark.py --short as a command: JSON lines of every case, finite figures, table."""
 
 import json
 import math
@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(REPO_ROOT, "scripts", "benchmark.py")
+SCRIPT = os.path.join(REPO_ROOT, "benchmarks", "benchmark.py")
 CASES = ["matmul_peak", "step", "pipeline", "fit"]
 TRAINING_FIGURES = [
     "images_per_second",

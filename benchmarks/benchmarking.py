@@ -1,6 +1,6 @@
 """Throughput, compile time, memory and MFU of DINO training, case by case.
 
-`run_benchmark` (what `scripts/benchmark.py` calls) runs each case in its own Python process,
+`run_benchmark` (what `benchmarks/benchmark.py` calls) runs each case in its own Python process,
 so every case has its own peak resident memory, and prints one JSON object per case and then
 a table. The cases, run in this order:
 
@@ -8,14 +8,13 @@ a table. The cases, run in this order:
   with a large `tf.linalg.matmul`, as a TF graph kernel (oneDNN) and XLA-compiled; the faster
   one is the peak that MFU is relative to.
 * `step`: the compiled training step alone on crops already in memory: the trainer, optimiser
-  and teacher EMA built by `dino_keras.training.build_trainer` and `TeacherMomentum`, as
-  training builds them.
+  and teacher EMA built by `dino_keras.training.build_trainer`, as training builds them.
 * `pipeline`: the multi-crop pipeline alone, reading a folder of generated 500x375 JPEGs:
   made by `--num_workers` loader processes, or by `tf.data` in the case's process with 0.
 * `fit`: `trainer.fit` on that pipeline: both together.
 
 The parent process never imports TensorFlow: it only starts the cases
-(`python -m dino_keras.benchmarking CASE SETTINGS_JSON RESULT_PATH`) and reads their results.
+(`python -m benchmarks.benchmarking CASE SETTINGS_JSON RESULT_PATH`) and reads their results.
 FLOPs are counted analytically (`dino_flops_per_image`).
 """
 
@@ -43,8 +42,8 @@ PRECISION_CASES = ("step", "fit")
 FLOP_CASES = ("step", "fit")
 
 IMAGE_HEIGHT, IMAGE_WIDTH = 375, 500
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO_FLAGFILE = os.path.join(PACKAGE_ROOT, "configs", "demo.cfg")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_FLAGFILE = os.path.join(REPO_ROOT, "configs", "demo.cfg")
 
 # Defaults of the full run and of --short (steps, warmup, pipeline_batches, pipeline_warmup,
 # num_images, matmul_size, matmul_seconds).
@@ -356,10 +355,9 @@ def case_matmul_peak(config: BenchmarkConfig) -> dict:
 
 
 def _build_trainer(config: BenchmarkConfig, train_config: TrainConfig):
-    """Trainer and its attached TeacherMomentum callback, built as training builds them."""
+    """The trainer, built as training builds it."""
     import keras
 
-    from dino_keras.callbacks import TeacherMomentum
     from dino_keras.data.multicrop import steps_per_epoch
     from dino_keras.training import build_trainer
 
@@ -367,10 +365,7 @@ def _build_trainer(config: BenchmarkConfig, train_config: TrainConfig):
     keras.mixed_precision.set_global_policy(train_config.compute_precision)
     batch = train_config.batch_size_per_gpu
     steps = steps_per_epoch(config.num_images, batch)
-    trainer = build_trainer(train_config, steps, batch)
-    momentum = TeacherMomentum(train_config.momentum_teacher, train_config.epochs * steps)
-    momentum.set_model(trainer)
-    return trainer, momentum
+    return build_trainer(train_config, steps, batch)
 
 
 def _flop_figures(train_config: TrainConfig, images_per_second: float) -> dict:
@@ -390,7 +385,7 @@ def case_step(config: BenchmarkConfig) -> dict:
     from dino_keras.memory import FreeMemoryReleaser
 
     train_config = config.train_config()
-    trainer, _ = _build_trainer(config, train_config)
+    trainer = _build_trainer(config, train_config)
     batch = train_config.batch_size_per_gpu
     shapes = [train_config.global_crops_size] * 2
     shapes += [train_config.local_crops_size] * train_config.local_crops_number
@@ -503,7 +498,7 @@ def case_fit(config: BenchmarkConfig) -> dict:
     from dino_keras.callbacks import ReleaseFreeMemoryWhileCompiling
 
     train_config = config.train_config()
-    trainer, momentum = _build_trainer(config, train_config)
+    trainer = _build_trainer(config, train_config)
     dataset, _ = _multicrop_dataset(config, train_config)
 
     class BatchEndTimes(keras.callbacks.Callback):
@@ -524,7 +519,7 @@ def case_fit(config: BenchmarkConfig) -> dict:
         dataset,
         epochs=1,
         steps_per_epoch=calls * train_config.steps_per_execution,
-        callbacks=[ReleaseFreeMemoryWhileCompiling(), momentum, times],
+        callbacks=[ReleaseFreeMemoryWhileCompiling(), times],
         verbose=0,
         shuffle=False,
     )
@@ -552,7 +547,7 @@ _CASE_FUNCTIONS = {
 
 
 def _child_main(argv: list[str]) -> None:
-    """`python -m dino_keras.benchmarking CASE SETTINGS_JSON RESULT_PATH`: one case."""
+    """`python -m benchmarks.benchmarking CASE SETTINGS_JSON RESULT_PATH`: one case."""
     case, settings, result_path = argv
     # Measure the runtime install (requirements.txt, no PyTorch). A development venv has PyTorch
     # for the parity tests, and keras-cv imports it whenever it is installed, which adds 0.47 GiB
@@ -592,11 +587,11 @@ def _run_case_process(case: str, config: BenchmarkConfig) -> dict:
     settings = json.dumps(dataclasses.asdict(config))
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory(prefix="dino_benchmark_result_") as directory:
         result_path = os.path.join(directory, "result.json")
         process = subprocess.run(
-            [sys.executable, "-m", "dino_keras.benchmarking", case, settings, result_path],
+            [sys.executable, "-m", "benchmarks.benchmarking", case, settings, result_path],
             capture_output=True,
             text=True,
             env=env,

@@ -1,9 +1,9 @@
-"""dino_keras.benchmarking: the analytic FLOP count against hand-computed cases, flag checks."""
+"""benchmarks/benchmarking.py: the analytic FLOP count against hand-computed cases, flag checks."""
 
 import pytest
 
-from dino_keras import benchmarking
-from dino_keras.benchmarking import (
+from benchmarks import benchmarking
+from benchmarks.benchmarking import (
     BenchmarkConfig,
     BenchmarkError,
     dino_flops_per_image,

@@ -1,13 +1,13 @@
 """Benchmark of DINO training: matmul peak, compiled step, input pipeline, fit; MFU, memory.
 
-    python scripts/benchmark.py [--recipe=paper|demo] [--precision=float32|mixed_bfloat16]
+    python benchmarks/benchmark.py [--recipe=paper|demo] [--precision=float32|mixed_bfloat16]
         [--cases=matmul_peak,step,pipeline,fit] [--steps=5] [--warmup=1] [--short]
         [--output=bench.jsonl]
 
 Each case runs in its own process. Prints one JSON object per case (also written to
 --output) and then a table. `step` and `fit` need the matmul peak of the same run for their
 MFU, so `matmul_peak` runs first whenever one of them is selected. See
-`dino_keras.benchmarking` for what each case measures.
+`benchmarks/benchmarking.py` for what each case measures.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from dino_keras import benchmarking  # noqa: E402
+from benchmarks import benchmarking  # noqa: E402
 
 
 def define_flags(flag_values) -> None:
