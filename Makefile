@@ -46,7 +46,7 @@ test: dev data
 	$(PY) -m pytest tests -n 2 --dist worksteal
 
 lint: dev
-	$(VENV)/bin/ruff check dino_keras scripts tests
+	$(VENV)/bin/ruff check dino_keras scripts tests benchmarks
 
 bazel-test: venv
 	bash scripts/bazel_test.sh
