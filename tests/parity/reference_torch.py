@@ -1,6 +1,7 @@
 """The reference's computations written in PyTorch, for the parity tests.
 
-Written from the reference semantics in /work/shared/dino_reference.md (and the issue): the
+Written from the reference semantics (the project's reference document, dino_reference.md, and
+the issue): the
 bicubic position-embedding resize with the +0.1 scale factors, the last block's attention, the
 multi-crop wrapper, the DINO head and loss, the centre update, the `cosine_scheduler` tables, per
 tensor gradient clipping, last-layer freezing, AdamW with its two parameter groups and the
