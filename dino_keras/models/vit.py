@@ -35,8 +35,10 @@ LAYER_NORM_EPSILON = 1e-6
 
 
 def dense_tensors(layer: keras.layers.Dense, dtype):
-    """A Dense layer's (kernel, bias) as tensors of `dtype`, for `lean_gradients`."""
-    return ops.cast(layer.kernel, dtype), ops.cast(layer.bias, dtype)
+    """A Dense layer's (kernel, bias) as tensors of `dtype`, for `lean_gradients` (a zero bias
+    for a layer without one, e.g. qkv with `qkv_bias=False`)."""
+    bias = layer.bias if layer.use_bias else ops.zeros((layer.units,))
+    return ops.cast(layer.kernel, dtype), ops.cast(bias, dtype)
 
 
 def layer_norm_tensors(layer: keras.layers.LayerNormalization):
@@ -91,7 +93,7 @@ class Attention(keras.layers.Layer):
 
     def build(self, input_shape):
         self.qkv.build(input_shape)
-        self.proj.build(input_shape[:-1] + (self.dim,))
+        self.proj.build(tuple(input_shape[:-1]) + (self.dim,))
 
     def call(self, x, return_attention=False):
         return self.attend(self.qkv(x), return_attention=return_attention)
@@ -155,7 +157,7 @@ class TransformerBlock(keras.layers.Layer):
     def build(self, input_shape):
         for layer in (self.norm1, self.attn, self.norm2, self.fc1):
             layer.build(input_shape)
-        self.fc2.build(input_shape[:-1] + (int(self.dim * self.mlp_ratio),))
+        self.fc2.build(tuple(input_shape[:-1]) + (int(self.dim * self.mlp_ratio),))
 
     def call(self, x, training=False, return_attention=False):
         # The sub-layers through `lean_gradients` (same maths as norm1 -> attn and

@@ -40,7 +40,7 @@ def test_head_matches_numpy_and_gain_is_frozen_with_norm_last_layer():
     )
 
 
-def test_head_with_batchnorm_and_config_round_trip():
+def test_head_with_batchnorm_has_two_batchnorm_layers():
     head = DinoHead(out_dim=16, use_bn=True, hidden_dim=24, bottleneck_dim=8)
     head(np.zeros((4, 12), np.float32))
     assert (
@@ -51,9 +51,6 @@ def test_head_with_batchnorm_and_config_round_trip():
         )
         == 2
     )
-    config = head.get_config()
-    clone = DinoHead.from_config(config)
-    assert clone.get_config() == config
 
 
 def test_multicrop_wrapper_one_backbone_call_per_resolution():

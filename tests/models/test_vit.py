@@ -115,32 +115,6 @@ def test_drop_path_only_in_training():
     assert not np.allclose(model(images, training=True), model(images, training=False), atol=1e-4)
 
 
-def test_get_config_round_trip_and_keras_save_load(tmp_path):
-    model = tiny_vit(drop_path_rate=0.1, seed=3)
-    config = model.get_config()
-    for key in (
-        "image_size",
-        "patch_size",
-        "embed_dim",
-        "depth",
-        "num_heads",
-        "mlp_ratio",
-        "qkv_bias",
-        "drop_path_rate",
-        "seed",
-    ):
-        assert key in config
-    clone = VisionTransformer.from_config(config)
-    clone(np.zeros((1, 28, 28, 3), np.float32))
-    clone.set_weights(model.get_weights())
-    images = np.random.default_rng(0).normal(size=(2, 28, 28, 3)).astype(np.float32)
-    np.testing.assert_allclose(clone(images), model(images), rtol=1e-5)
-    path = str(tmp_path / "vit.keras")
-    model.save(path)
-    loaded = keras.models.load_model(path)
-    np.testing.assert_allclose(loaded(images), model(images), rtol=1e-5)
-
-
 @pytest.mark.parametrize("mode", ["eager", "traced", "compiled"])
 def test_fit_eager_traced_and_compiled(mode):
     backbone = tiny_vit()
