@@ -1,12 +1,14 @@
-"""Benchmark of DINO training: matmul peak, compiled step, input pipeline, fit; MFU, memory.
+"""Benchmark of DINO training: matmul peak, compiled step, input pipeline, fit; MFU, memory;
+the reference's step and loader in PyTorch at the same sizes, and the ratios.
 
     python benchmarks/benchmark.py [--recipe=paper|demo] [--precision=float32|mixed_bfloat16]
-        [--cases=matmul_peak,step,pipeline,fit] [--steps=5] [--warmup=1] [--short]
-        [--output=bench.jsonl]
+        [--cases=matmul_peak,step,reference_step,pipeline,reference_pipeline,fit]
+        [--steps=5] [--warmup=1] [--short] [--output=bench.jsonl]
 
-Each case runs in its own process. Prints one JSON object per case (also written to
---output) and then a table. `step` and `fit` need the matmul peak of the same run for their
-MFU, so `matmul_peak` runs first whenever one of them is selected. See
+Each case runs in its own process, one after the other. Prints one JSON object per case (also
+written to --output) and then a table. `step` and `fit` need the matmul peak of the same run
+for their MFU, so `matmul_peak` runs first whenever one of them is selected. The reference
+cases are skipped, with the reason, when PyTorch is not installed. See
 `benchmarks/benchmarking.py` for what each case measures.
 """
 
@@ -30,11 +32,13 @@ def define_flags(flag_values) -> None:
     def integer(name, help_text):
         flags.DEFINE_integer(name, None, help_text, flag_values=flag_values)
 
-    string(
+    flags.DEFINE_list(
         "recipe",
-        "paper",
+        ["paper"],
         "paper: ViT-S/16, 2x224 + 8x96 crops, out_dim 65536, head 2048/256, batch 8; "
-        "demo: configs/demo.cfg.",
+        "demo: configs/demo.cfg; paper,demo: both, one recipe's cases after the other's, "
+        "then the ratios of both.",
+        flag_values=flag_values,
     )
     string("precision", "float32", f"One of {', '.join(benchmarking.PRECISIONS)}.")
     flags.DEFINE_list(
@@ -92,10 +96,16 @@ def define_flags(flag_values) -> None:
     flags.DEFINE_integer("seed", 0, "Seed of the model, data and images.", flag_values=flag_values)
 
 
-def config_from_flags(flag_values) -> benchmarking.BenchmarkConfig:
-    """The parsed flags as a resolved, validated `BenchmarkConfig`."""
+def configs_from_flags(flag_values) -> list[benchmarking.BenchmarkConfig]:
+    """The parsed flags as resolved, validated `BenchmarkConfig`s, one per --recipe."""
+    recipes = [recipe.strip() for recipe in flag_values.recipe if recipe.strip()]
+    if not recipes:
+        raise benchmarking.BenchmarkError(
+            f"--recipe: is empty; choose from {', '.join(benchmarking.RECIPES)}"
+        )
+    if len(set(recipes)) != len(recipes):
+        raise benchmarking.BenchmarkError(f"--recipe: lists a recipe twice: {','.join(recipes)}")
     names = (
-        "recipe",
         "precision",
         "short",
         "steps",
@@ -111,15 +121,25 @@ def config_from_flags(flag_values) -> benchmarking.BenchmarkConfig:
         "output",
         "seed",
     )
-    config = benchmarking.BenchmarkConfig(
-        cases=tuple(case.strip() for case in flag_values.cases if case.strip()),
-        **{name: flag_values[name].value for name in names},
-    )
-    return config.resolved()
+    configs = [
+        benchmarking.BenchmarkConfig(
+            recipe=recipe,
+            cases=tuple(case.strip() for case in flag_values.cases if case.strip()),
+            **{name: flag_values[name].value for name in names},
+        )
+        for recipe in recipes
+    ]
+    return [config.resolved() for config in configs]  # all validated before any case runs
 
 
 def run(flag_values) -> list[dict]:
-    return benchmarking.run_benchmark(config_from_flags(flag_values))
+    configs = configs_from_flags(flag_values)
+    records = []
+    for index, config in enumerate(configs):
+        records += benchmarking.run_benchmark(config, append_output=index > 0)
+    if len(configs) > 1:
+        print(benchmarking.format_ratio_summary(records), flush=True)
+    return records
 
 
 def main(argv):

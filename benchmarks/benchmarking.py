@@ -12,8 +12,13 @@ a table. The cases, run in this order:
 * `pipeline`: the multi-crop pipeline alone, reading a folder of generated 500x375 JPEGs:
   made by `--num_workers` loader processes, or by `tf.data` in the case's process with 0.
 * `fit`: `trainer.fit` on that pipeline: both together.
+* `reference_step`, `reference_pipeline`: the reference's training step and its multi-crop
+  DataLoader in PyTorch at the same sizes, on the same JPEGs, with as many worker processes
+  (`benchmarks/reference_cases.py`); each runs right after its dino_keras counterpart, and its
+  record holds the ratio dino_keras images/s / reference images/s of the same run. Skipped,
+  with the reason, when torch, torchvision or timm is not installed.
 
-The parent process never imports TensorFlow: it only starts the cases
+The parent process never imports TensorFlow nor PyTorch: it only starts the cases
 (`python -m benchmarks.benchmarking CASE SETTINGS_JSON RESULT_PATH`) and reads their results.
 FLOPs are counted analytically (`dino_flops_per_image`).
 """
@@ -21,6 +26,7 @@ FLOPs are counted analytically (`dino_flops_per_image`).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -34,7 +40,12 @@ import time
 from dino_keras.config import ConfigError, TrainConfig
 from dino_keras.hide_torch import hide_torch
 
-CASES = ("matmul_peak", "step", "pipeline", "fit")
+CASES = ("matmul_peak", "step", "reference_step", "pipeline", "reference_pipeline", "fit")
+# Each reference case and the dino_keras case it is compared with.
+REFERENCE_CASES = {"reference_step": "step", "reference_pipeline": "pipeline"}
+REFERENCE_MODULES = ("torch", "torchvision", "timm")
+# Cases that read the generated JPEGs.
+IMAGE_CASES = ("pipeline", "reference_pipeline", "fit")
 RECIPES = ("paper", "demo")
 PRECISIONS = ("float32", "mixed_bfloat16")
 # Cases whose figures depend on the compute precision (the pipeline's do not).
@@ -291,7 +302,7 @@ def _peak_rss() -> dict[str, float]:
     }
 
 
-def _loader_processes_peak_rss() -> dict[str, float]:
+def child_processes_peak_rss() -> dict[str, float]:
     """Summed peak resident memory of this process's children (the loader processes), read
     from /proc while they run; empty where /proc has no such figures."""
     kilobytes, count = 0, 0
@@ -488,7 +499,7 @@ def case_pipeline(config: BenchmarkConfig) -> dict:
         "first_batch_seconds": round(first_batch_seconds, 3),
         "source_images": source.num_examples,
         "loader_processes": train_config.num_workers,
-        **_loader_processes_peak_rss(),
+        **child_processes_peak_rss(),
     }
 
 
@@ -511,7 +522,7 @@ def case_fit(config: BenchmarkConfig) -> dict:
             self.ends.append(time.perf_counter())
 
         def on_train_end(self, logs=None):
-            self.loaders = _loader_processes_peak_rss()  # while the loaders still run
+            self.loaders = child_processes_peak_rss()  # while the loaders still run
 
     times = BatchEndTimes()
     calls = 1 + config.warmup + config.steps
@@ -546,19 +557,41 @@ _CASE_FUNCTIONS = {
 }
 
 
-def _child_main(argv: list[str]) -> None:
-    """`python -m benchmarks.benchmarking CASE SETTINGS_JSON RESULT_PATH`: one case."""
-    case, settings, result_path = argv
+def _tensorflow_threads() -> dict:
+    """TensorFlow's thread pool sizes as configured; 0 is TensorFlow's default: one thread per
+    schedulable core for each pool."""
+    import tensorflow as tf
+
+    return {
+        "tf_intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+        "tf_inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+    }
+
+
+def _case_function(case: str):
+    if case in REFERENCE_CASES:
+        from benchmarks import reference_cases
+
+        return getattr(reference_cases, f"case_{case}")
     # Measure the runtime install (requirements.txt, no PyTorch). A development venv has PyTorch
     # for the parity tests, and keras-cv imports it whenever it is installed, which adds 0.47 GiB
     # of resident memory to every case; hidden here, keras-cv skips it.
     hide_torch()
+    return _CASE_FUNCTIONS[case]
+
+
+def _child_main(argv: list[str]) -> None:
+    """`python -m benchmarks.benchmarking CASE SETTINGS_JSON RESULT_PATH`: one case."""
+    case, settings, result_path = argv
     values = json.loads(settings)
     values["cases"] = tuple(values["cases"])
     config = BenchmarkConfig(**values)
+    case_function = _case_function(case)
     start = time.perf_counter()
-    result = _CASE_FUNCTIONS[case](config)
+    result = case_function(config)
     result["case_seconds"] = round(time.perf_counter() - start, 3)
+    if case in CASES and case not in REFERENCE_CASES:
+        result.update(_tensorflow_threads())
     result.update(_peak_rss())
     with open(result_path, "w", encoding="utf-8") as f:
         json.dump(result, f)
@@ -580,6 +613,89 @@ def cpu_supports_bfloat16() -> tuple[bool, str]:
     if found:
         return True, f"CPU flags {', '.join(found)}"
     return False, "the CPU has none of the avx512_bf16, amx_bf16 (x86) or bf16 (Arm) flags"
+
+
+def machine_description(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
+    """The CPU model, whether it has AVX-512 and AMX (its /proc/cpuinfo flags) and the cores
+    this process may run on."""
+    model, flags = "unknown", set()
+    try:
+        with open(cpuinfo_path, encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "Model") and model == "unknown":
+                    model = value.strip()
+                elif key in ("flags", "Features"):
+                    flags |= set(value.split())
+    except OSError:
+        pass
+    return {
+        "cpu_model": model,
+        "avx512": "avx512f" in flags,
+        "amx": bool(flags & {"amx_tile", "amx_bf16", "amx_int8"}),
+        "schedulable_cores": len(os.sched_getaffinity(0)),
+    }
+
+
+def missing_reference_modules(modules: tuple[str, ...] | None = None) -> list[str]:
+    """Those of `modules` (default: the reference cases' modules) that cannot be imported here;
+    none is imported."""
+    missing = []
+    for name in REFERENCE_MODULES if modules is None else modules:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # e.g. hidden by an import hook
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def skip_reasons(cases: list[str], precision: str) -> dict[str, str]:
+    """Why each case that cannot run here is skipped (case -> reason)."""
+    reasons = {}
+    if precision == "mixed_bfloat16":
+        supported, why = cpu_supports_bfloat16()
+        if not supported:
+            for case in cases:
+                if case in PRECISION_CASES:
+                    reasons[case] = f"no bfloat16 ({why})"
+        if "reference_step" in cases:
+            reasons["reference_step"] = "the reference step is measured in float32 only"
+    missing = missing_reference_modules() if REFERENCE_CASES.keys() & set(cases) else []
+    for case in cases:
+        if case in REFERENCE_CASES and missing:
+            reasons[case] = (
+                f"{', '.join(missing)} not installed (pip install -r requirements-parity.txt)"
+            )
+    return reasons
+
+
+def reference_comparison(record: dict, records: list[dict]) -> dict:
+    """The ratio fields of a reference case's record, from its dino_keras counterpart's record
+    of the same run (empty when that case did not run)."""
+    counterpart = next(
+        (r for r in records if r["case"] == REFERENCE_CASES[record["case"]] and "skipped" not in r),
+        None,
+    )
+    if counterpart is None or "images_per_second" not in record:
+        return {}
+    loaders = {}
+    if "loader_processes_peak_rss_gib" in counterpart:
+        loaders["dino_keras_loader_processes_peak_rss_gib"] = counterpart[
+            "loader_processes_peak_rss_gib"
+        ]
+    return {
+        "dino_keras_case": counterpart["case"],
+        "dino_keras_images_per_second": counterpart["images_per_second"],
+        "dino_keras_peak_rss_gib": counterpart["peak_rss_gib"],
+        **loaders,
+        # dino_keras images/s / reference images/s: above 1, dino_keras is faster.
+        "images_per_second_ratio": round(
+            counterpart["images_per_second"] / record["images_per_second"], 4
+        ),
+    }
 
 
 def _run_case_process(case: str, config: BenchmarkConfig) -> dict:
@@ -624,11 +740,14 @@ def _model_description(train_config: TrainConfig) -> dict:
     }
 
 
-def run_benchmark(config: BenchmarkConfig, out=None, err=None) -> list[dict]:
+def run_benchmark(
+    config: BenchmarkConfig, out=None, err=None, append_output: bool = False
+) -> list[dict]:
     """Runs the configured cases, printing JSON lines and then the table; returns the records.
 
-    `--output` (`config.output`) is overwritten with the same JSON lines. A case that fails
-    raises `BenchmarkError` after the records of the cases before it have been printed.
+    `--output` (`config.output`) is overwritten with the same JSON lines (appended to with
+    `append_output`). A case that fails raises `BenchmarkError` after the records of the cases
+    before it have been printed.
     """
     out = out or sys.stdout
     err = err or sys.stderr
@@ -639,25 +758,38 @@ def run_benchmark(config: BenchmarkConfig, out=None, err=None) -> list[dict]:
         "precision": config.precision,
         "short": config.short,
         "batch_size": train_config.batch_size_per_gpu,
+        "machine": machine_description(),
     }
     cases = list(config.cases)
-    if config.precision == "mixed_bfloat16":
-        supported, reason = cpu_supports_bfloat16()
-        if not supported:
-            skipped = [case for case in cases if case in PRECISION_CASES]
-            print(f"Skipping {', '.join(skipped) or 'no case'}: no bfloat16 ({reason})", file=err)
-            cases = [case for case in cases if case not in PRECISION_CASES]
+    skipped = skip_reasons(cases, config.precision)
+    for case, reason in skipped.items():
+        print(f"Skipping {case}: {reason}", file=err)
+    running = [case for case in cases if case not in skipped]
 
-    output_file = open(config.output, "w", encoding="utf-8") if config.output else None
+    output_file = None
+    if config.output:
+        output_file = open(config.output, "a" if append_output else "w", encoding="utf-8")
     temporary_dir = None
-    if not config.image_dir and {"pipeline", "fit"} & set(cases):
+    if not config.image_dir and set(IMAGE_CASES) & set(running):
         temporary_dir = tempfile.mkdtemp(prefix="dino_benchmark_images_")
         config = dataclasses.replace(config, image_dir=temporary_dir)
     records = []
+
+    def emit(record: dict) -> None:
+        records.append(record)
+        line = json.dumps(record)
+        print(line, file=out, flush=True)
+        if output_file:
+            output_file.write(line + "\n")
+            output_file.flush()
+
     try:
         peak = {}
         for case in cases:
-            if case in ("pipeline", "fit") and not os.path.isfile(
+            if case in skipped:
+                emit({"case": case, **common, "skipped": skipped[case]})
+                continue
+            if case in IMAGE_CASES and not os.path.isfile(
                 image_folder(config.image_dir, config.num_images) + ".done"
             ):
                 print(
@@ -685,14 +817,11 @@ def run_benchmark(config: BenchmarkConfig, out=None, err=None) -> list[dict]:
                 dtype = "bfloat16" if config.precision == "mixed_bfloat16" else "float32"
                 xla_peak = peak[f"{dtype}_xla_gflops_per_second"]
                 record["mfu_vs_xla_matmul"] = round(achieved / xla_peak, 5)
+            if case in REFERENCE_CASES:
+                record.update(reference_comparison(record, records))
             if case != "matmul_peak":
                 record["model"] = _model_description(train_config)
-            records.append(record)
-            line = json.dumps(record)
-            print(line, file=out, flush=True)
-            if output_file:
-                output_file.write(line + "\n")
-                output_file.flush()
+            emit(record)
     finally:
         if output_file:
             output_file.close()
@@ -705,6 +834,68 @@ def run_benchmark(config: BenchmarkConfig, out=None, err=None) -> list[dict]:
 def _load_text() -> str:
     one, five, fifteen = os.getloadavg()
     return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f}"
+
+
+CASE_WIDTH = 20
+
+
+def _thread_lines(records: list[dict]) -> list[str]:
+    tensorflow = next((r for r in records if "tf_intra_op_threads" in r), None)
+    torch = next((r for r in records if "torch_num_threads" in r), None)
+    parts = []
+    if tensorflow:
+        parts.append(
+            f"TensorFlow intra-op {tensorflow['tf_intra_op_threads']}, inter-op "
+            f"{tensorflow['tf_inter_op_threads']} (0: its default, one thread per schedulable "
+            "core)"
+        )
+    if torch:
+        parts.append(
+            f"PyTorch torch.set_num_threads({torch['torch_num_threads']}), inter-op "
+            f"{torch['torch_num_interop_threads']}"
+        )
+    return [f"threads: {'; '.join(parts)}"] if parts else []
+
+
+def _comparison_lines(records: list[dict]) -> list[str]:
+    compared = [r for r in records if "images_per_second_ratio" in r]
+    if not compared:
+        return []
+
+    def memory(peak: float, loaders: float | None) -> str:
+        return f"peak RSS {peak:.2f} GiB" + (
+            f" + {loaders:.2f} GiB in its loader processes" if loaders else ""
+        )
+
+    lines = ["Against the reference in this run (dino_keras images/s / reference images/s):"]
+    for record in compared:
+        dino_keras_memory = memory(
+            record["dino_keras_peak_rss_gib"],
+            record.get("dino_keras_loader_processes_peak_rss_gib"),
+        )
+        reference_memory = memory(
+            record["peak_rss_gib"], record.get("loader_processes_peak_rss_gib")
+        )
+        lines.append(
+            f"  {record['dino_keras_case']}: {record['images_per_second_ratio']:.3f}x "
+            f"(dino_keras {record['dino_keras_images_per_second']:.2f} images/s, "
+            f"{dino_keras_memory}; reference {record['images_per_second']:.2f} images/s, "
+            f"{reference_memory})"
+        )
+    return lines
+
+
+def format_ratio_summary(records: list[dict]) -> str:
+    """One line per recipe: the ratios (dino_keras images/s / reference images/s) of its run."""
+    lines = ["Against the reference, dino_keras images/s / reference images/s of the same run:"]
+    for recipe in dict.fromkeys(record["recipe"] for record in records):
+        ratios = [
+            f"{r['dino_keras_case']} {r['images_per_second_ratio']:.3f}x"
+            for r in records
+            if r["recipe"] == recipe and "images_per_second_ratio" in r
+        ]
+        lines.append(f"  {recipe}: {', '.join(ratios) or 'no ratio (a case did not run)'}")
+    return "\n".join(lines)
 
 
 def format_table(records: list[dict]) -> str:
@@ -724,8 +915,16 @@ def format_table(records: list[dict]) -> str:
             f"head {model['head_hidden_dim']}/{model['head_bottleneck_dim']}, out_dim "
             f"{model['out_dim']}"
         )
+    machine = first.get("machine")
+    if machine:
+        yes_no = {True: "yes", False: "no"}
+        lines.append(
+            f"CPU: {machine['cpu_model']}; AVX-512 {yes_no[machine['avx512']]}, AMX "
+            f"{yes_no[machine['amx']]}; {machine['schedulable_cores']} schedulable cores"
+        )
+    lines += _thread_lines(records)
     header = (
-        f"{'case':<12}{'images/s':>10}{'compile s':>11}{'step s':>9}{'GFLOP/img':>11}"
+        f"{'case':<{CASE_WIDTH}}{'images/s':>10}{'compile s':>11}{'step s':>9}{'GFLOP/img':>11}"
         f"{'GFLOP/s':>10}{'MFU':>8}{'peak RSS GiB':>13}"
     )
     lines += [header, "-" * len(header)]
@@ -735,10 +934,13 @@ def format_table(records: list[dict]) -> str:
         return f"{'-' if value is None else format(value, spec):>{width}}"
 
     for record in records:
+        if "skipped" in record:
+            lines.append(f"{record['case']:<{CASE_WIDTH}}skipped: {record['skipped']}")
+            continue
         gflops = record.get("gflops_per_second", record.get("peak_gflops_per_second"))
         flops_per_image = record.get("flops_per_image")
         lines.append(
-            f"{record['case']:<12}"
+            f"{record['case']:<{CASE_WIDTH}}"
             + cell(record, "images_per_second", 10, ".2f")
             + cell(record, "compile_seconds", 11, ".1f")
             + cell(record, "step_seconds_mean", 9, ".3f")
@@ -766,11 +968,13 @@ def format_table(records: list[dict]) -> str:
     for record in records:
         if record.get("loader_processes"):
             memory = record.get("loader_processes_peak_rss_gib")
+            kind = "DataLoader worker" if record["case"] in REFERENCE_CASES else "loader"
             lines.append(
-                f"{record['case']}: batches made by {record['loader_processes']} loader "
+                f"{record['case']}: batches made by {record['loader_processes']} {kind} "
                 f"process(es), one core each"
                 + (f", peak RSS {memory:.2f} GiB in all (not in the column)" if memory else "")
             )
+    lines += _comparison_lines(records)
     rates = {r["case"]: r["images_per_second"] for r in records if "images_per_second" in r}
     if "step" in rates and "pipeline" in rates:
         slower = "step" if rates["step"] <= rates["pipeline"] else "pipeline"

@@ -80,8 +80,10 @@ def test_config_resolution_and_validation():
     assert demo.train_config().embed_dim == 64 and demo.num_images == 256
     # Loader processes: the recipe's (paper: the reference's 2 workers; demo.cfg: none), 1 for
     # --short, or the flag's.
-    assert [BenchmarkConfig(**kwargs).resolved().train_config().num_workers for kwargs in (
-        {}, dict(recipe="demo"), dict(short=True), dict(num_workers=3))] == [2, 0, 1, 3]
+    assert [
+        BenchmarkConfig(**kwargs).resolved().train_config().num_workers
+        for kwargs in ({}, dict(recipe="demo"), dict(short=True), dict(num_workers=3))
+    ] == [2, 0, 1, 3]
     for kwargs, flag in (
         (dict(recipe="imagenet"), "--recipe"),
         (dict(precision="mixed_float16"), "--precision"),
@@ -113,3 +115,101 @@ def test_table_names_the_bound():
     table = benchmarking.format_table(records)
     assert "Bound: the training step (5.00 images/s" in table
     assert "float32 graph 100.0, float32 xla 90.0" in table
+
+
+def test_machine_description_reads_the_cpu_flags(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: Some CPU @ 2.0GHz\nflags\t\t: fpu sse avx2 fma\n\n"
+        "processor\t: 1\nmodel name\t: Some CPU @ 2.0GHz\nflags\t\t: fpu sse avx2 fma\n"
+    )
+    machine = benchmarking.machine_description(str(cpuinfo))
+    assert machine["cpu_model"] == "Some CPU @ 2.0GHz"
+    assert (machine["avx512"], machine["amx"]) == (False, False)
+    assert machine["schedulable_cores"] >= 1
+    cpuinfo.write_text("model name\t: Other CPU\nflags\t\t: avx2 avx512f avx512_bf16 amx_tile\n")
+    machine = benchmarking.machine_description(str(cpuinfo))
+    assert (machine["cpu_model"], machine["avx512"], machine["amx"]) == ("Other CPU", True, True)
+    missing = benchmarking.machine_description(str(tmp_path / "absent"))
+    assert (missing["cpu_model"], missing["avx512"]) == ("unknown", False)
+
+
+def test_missing_reference_modules_and_skip_reasons(monkeypatch):
+    assert benchmarking.missing_reference_modules(("json", "no_such_module_2c9f")) == [
+        "no_such_module_2c9f"
+    ]
+    cases = ["matmul_peak", "step", "reference_step", "pipeline", "reference_pipeline"]
+    monkeypatch.setattr(benchmarking, "REFERENCE_MODULES", ("json", "no_such_module_2c9f"))
+    reasons = benchmarking.skip_reasons(cases, "float32")
+    assert set(reasons) == {"reference_step", "reference_pipeline"}
+    assert reasons["reference_step"].startswith("no_such_module_2c9f not installed")
+    monkeypatch.setattr(benchmarking, "REFERENCE_MODULES", ("json",))
+    assert benchmarking.skip_reasons(cases, "float32") == {}
+    # The reference step has no bfloat16 counterpart; its loader does not depend on precision.
+    assert "reference_step" in benchmarking.skip_reasons(cases, "mixed_bfloat16")
+    assert "reference_pipeline" not in benchmarking.skip_reasons(cases, "mixed_bfloat16")
+
+
+def test_reference_comparison_and_its_table_lines():
+    common = dict(recipe="demo", precision="float32", short=False, batch_size=128)
+    step = dict(case="step", images_per_second=300.0, peak_rss_gib=1.5, **common)
+    pipeline = dict(
+        case="pipeline",
+        images_per_second=90.0,
+        peak_rss_gib=0.8,
+        loader_processes_peak_rss_gib=1.7,
+        **common,
+    )
+    reference_step = dict(case="reference_step", images_per_second=120.0, peak_rss_gib=0.9)
+    reference_pipeline = dict(case="reference_pipeline", images_per_second=60.0, peak_rss_gib=1.1)
+    compared = benchmarking.reference_comparison(reference_step, [step, pipeline])
+    assert compared["images_per_second_ratio"] == 2.5 and compared["dino_keras_case"] == "step"
+    assert compared["dino_keras_peak_rss_gib"] == 1.5
+    reference_step.update(compared)
+    reference_pipeline.update(benchmarking.reference_comparison(reference_pipeline, [pipeline]))
+    assert reference_pipeline["images_per_second_ratio"] == 1.5
+    table = benchmarking.format_table(
+        [step, dict(reference_step, **common), pipeline, dict(reference_pipeline, **common)]
+    )
+    assert "  step: 2.500x (dino_keras 300.00 images/s, peak RSS 1.50 GiB; reference 120.00" in (
+        table
+    )
+    assert (
+        "  pipeline: 1.500x (dino_keras 90.00 images/s, peak RSS 0.80 GiB + 1.70 GiB in its "
+        "loader processes; reference 60.00 images/s, peak RSS 1.10 GiB)"
+    ) in table
+    # No counterpart in the run (not selected, or skipped): no ratio.
+    assert benchmarking.reference_comparison(reference_step, [pipeline]) == {}
+    skipped_step = dict(case="step", skipped="no bfloat16")
+    assert benchmarking.reference_comparison(reference_step, [skipped_step]) == {}
+    table = benchmarking.format_table(
+        [dict(case="reference_step", skipped="torch not installed", **common)]
+    )
+    assert "reference_step      skipped: torch not installed" in table
+    assert "Against the reference" not in table
+
+
+def test_ratio_summary_lists_each_recipe():
+    records = [
+        dict(recipe="paper", case="step", images_per_second=2.0),
+        dict(
+            recipe="paper",
+            case="reference_step",
+            dino_keras_case="step",
+            images_per_second=1.0,
+            images_per_second_ratio=2.0,
+        ),
+        dict(
+            recipe="paper",
+            case="reference_pipeline",
+            dino_keras_case="pipeline",
+            images_per_second=50.0,
+            images_per_second_ratio=3.125,
+        ),
+        dict(recipe="demo", case="reference_step", skipped="torch not installed"),
+    ]
+    summary = benchmarking.format_ratio_summary(records).splitlines()
+    assert summary[1:] == [
+        "  paper: step 2.000x, pipeline 3.125x",
+        "  demo: no ratio (a case did not run)",
+    ]

@@ -1,6 +1,7 @@
 """BatchNorm parity: three training steps with a BatchNorm head (`--use_bn_in_head`), dino_keras'
 compiled DinoTrainer against the reference's training loop written in torch
-(reference_torch.train_steps), from the same converted initial weights and the same crops.
+(`train_steps` of benchmarks/reference_torch.py), from the same converted initial weights and
+the same crops.
 
 The reference keeps its teacher in training mode: the teacher's BatchNorm layers normalise with
 the batch statistics and update their own running statistics from the teacher's forward passes
@@ -30,11 +31,11 @@ to TOLERANCE (relative, per tensor) and their 3-step changes to CHANGE_TOLERANCE
 from __future__ import annotations
 
 import numpy as np
-import reference_torch as ref
 import tensorflow as tf
 import test_train_step_parity as steps
 import torch
 
+from benchmarks import reference_torch as ref
 from dino_keras.checkpointing import TrainingCheckpoint
 from dino_keras.convert import convert
 from dino_keras.training import build_trainer

@@ -15,11 +15,11 @@ import sys
 
 import numpy as np
 import pytest
-import reference_torch as ref
 import timm
 import torch
 import torchvision
 
+from benchmarks import reference_torch as ref
 from dino_keras import convert as convert_module
 from dino_keras.checkpointing import ARCHITECTURE_FLAGS, TrainingCheckpoint
 from dino_keras.config import TrainConfig

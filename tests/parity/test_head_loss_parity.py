@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import reference_torch as ref
 import tensorflow as tf
 import torch
 
+from benchmarks import reference_torch as ref
 from dino_keras.convert import load_head_state_dict
 from dino_keras.loss import DinoLoss, compiled_dino_cross_entropy
 from dino_keras.models.head import DinoHead

@@ -6,10 +6,10 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-import reference_torch as ref
 import torch
 import torchvision
 
+from benchmarks import reference_torch as ref
 from dino_keras.convert import load_backbone_state_dict
 from dino_keras.models.resnet import resnet50
 

@@ -1,6 +1,6 @@
 """Training-step parity: three steps of dino_keras' compiled DinoTrainer against the reference's
-training loop written in torch (reference_torch.train_steps), from the same converted initial
-weights and the same crops.
+training loop written in torch (`train_steps` of benchmarks/reference_torch.py), from the same
+converted initial weights and the same crops.
 
 Tiny ViT (depth 2, width 32, 2 heads, patch 4), 28 px global and 2 x 12 px local crops, out_dim
 64, batch 4, no drop path (both sides deterministic). The learning rate has no warm-up (peak
@@ -22,11 +22,11 @@ import dataclasses
 import keras
 import numpy as np
 import pytest
-import reference_torch as ref
 import tensorflow as tf
 import timm
 import torch
 
+from benchmarks import reference_torch as ref
 from dino_keras.checkpointing import TrainingCheckpoint
 from dino_keras.convert import backbone_assignments, convert, head_assignments
 from dino_keras.training import build_trainer

@@ -1,6 +1,6 @@
 """ViT parity: timm ViTs with random weights, converted, against the reference's forward in
 torch (timm blocks + the reference's bicubic position-embedding resize written in
-reference_torch.py): CLS features after the final norm and the last block's attention."""
+benchmarks/reference_torch.py): CLS features after the final norm and the last block's attention."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import os
 
 import numpy as np
 import pytest
-import reference_torch as ref
 import timm
 import torch
 
+from benchmarks import reference_torch as ref
 from dino_keras.checkpointing import TrainingCheckpoint
 from dino_keras.config import TrainConfig
 from dino_keras.convert import convert, load_backbone_state_dict

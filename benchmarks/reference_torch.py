@@ -1,4 +1,5 @@
-"""The reference's computations written in PyTorch, for the parity tests.
+"""The reference's computations written in PyTorch, for the parity tests (tests/parity) and the
+benchmark's reference cases (benchmarks/reference_cases.py).
 
 Written from the reference semantics (the project's reference document, dino_reference.md, and
 the issue): the
@@ -268,6 +269,87 @@ def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer:
             parameter.grad = None
 
 
+class ReferenceTraining:
+    """The reference's training loop, one `step` per iteration: the per-iteration lr, weight
+    decay and teacher momentum tables, the per-epoch teacher temperature, AdamW over the two
+    parameter groups, and the centre.
+
+    config: a dino_keras TrainConfig (same flag names and meanings as the reference).
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        center: torch.Tensor,
+        *,
+        config,
+        steps_per_epoch: int,
+        global_batch: int,
+    ):
+        self.student, self.teacher, self.center = student, teacher, center
+        self.config = config
+        self.steps_per_epoch = steps_per_epoch
+        self.iteration = 0
+        self.lr_schedule = cosine_scheduler(
+            config.lr * global_batch / 256.0,
+            config.min_lr,
+            config.epochs,
+            steps_per_epoch,
+            warmup_epochs=config.warmup_epochs,
+        )
+        self.wd_schedule = cosine_scheduler(
+            config.weight_decay, config.weight_decay_end, config.epochs, steps_per_epoch
+        )
+        self.momentum_schedule = cosine_scheduler(
+            config.momentum_teacher, 1, config.epochs, steps_per_epoch
+        )
+        self.teacher_temp_schedule = np.concatenate(
+            (
+                np.linspace(
+                    config.warmup_teacher_temp,
+                    config.teacher_temp,
+                    config.warmup_teacher_temp_epochs,
+                ),
+                np.ones(config.epochs - config.warmup_teacher_temp_epochs) * config.teacher_temp,
+            )
+        )
+        self.optimizer = torch.optim.AdamW(params_groups(student))
+
+    def step(self, crops: list) -> float:
+        """One iteration on `crops` (2 global crops first, NCHW); returns the loss."""
+        it, config = self.iteration, self.config
+        epoch = it // self.steps_per_epoch
+        for i, group in enumerate(self.optimizer.param_groups):
+            group["lr"] = self.lr_schedule[it]
+            if i == 0:
+                group["weight_decay"] = self.wd_schedule[it]
+        teacher_output = self.teacher(crops[:2])
+        student_output = self.student(crops)
+        loss = dino_loss(
+            student_output,
+            teacher_output,
+            self.center,
+            self.teacher_temp_schedule[epoch],
+            len(crops),
+        )
+        self.center = updated_center(self.center, teacher_output)
+        self.optimizer.zero_grad()
+        loss.backward()
+        if config.clip_grad:
+            clip_gradients(self.student, config.clip_grad)
+        cancel_gradients_last_layer(epoch, self.student, config.freeze_last_layer)
+        self.optimizer.step()
+        with torch.no_grad():
+            m = self.momentum_schedule[it]
+            for param_q, param_k in zip(
+                self.student.parameters(), self.teacher.parameters(), strict=True
+            ):
+                param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
+        self.iteration += 1
+        return float(loss.item())
+
+
 def train_steps(
     student: nn.Module,
     teacher: nn.Module,
@@ -277,57 +359,17 @@ def train_steps(
     config,
     steps_per_epoch: int,
 ) -> tuple[list[float], torch.Tensor]:
-    """Runs len(batches) steps of the reference's training loop; returns losses and centre.
-
-    config: a dino_keras TrainConfig (same flag names and meanings as the reference).
-    """
-    global_batch = batches[0][0].shape[0]
-    num_crops = len(batches[0])
-    lr_schedule = cosine_scheduler(
-        config.lr * global_batch / 256.0,
-        config.min_lr,
-        config.epochs,
-        steps_per_epoch,
-        warmup_epochs=config.warmup_epochs,
+    """Runs len(batches) steps of the reference's training loop; returns losses and centre."""
+    training = ReferenceTraining(
+        student,
+        teacher,
+        center,
+        config=config,
+        steps_per_epoch=steps_per_epoch,
+        global_batch=batches[0][0].shape[0],
     )
-    wd_schedule = cosine_scheduler(
-        config.weight_decay, config.weight_decay_end, config.epochs, steps_per_epoch
-    )
-    momentum_schedule = cosine_scheduler(config.momentum_teacher, 1, config.epochs, steps_per_epoch)
-    teacher_temp_schedule = np.concatenate(
-        (
-            np.linspace(
-                config.warmup_teacher_temp, config.teacher_temp, config.warmup_teacher_temp_epochs
-            ),
-            np.ones(config.epochs - config.warmup_teacher_temp_epochs) * config.teacher_temp,
-        )
-    )
-    optimizer = torch.optim.AdamW(params_groups(student))
-    losses = []
-    for it, crops in enumerate(batches):
-        epoch = it // steps_per_epoch
-        for i, group in enumerate(optimizer.param_groups):
-            group["lr"] = lr_schedule[it]
-            if i == 0:
-                group["weight_decay"] = wd_schedule[it]
-        teacher_output = teacher(crops[:2])
-        student_output = student(crops)
-        loss = dino_loss(
-            student_output, teacher_output, center, teacher_temp_schedule[epoch], num_crops
-        )
-        center = updated_center(center, teacher_output)
-        optimizer.zero_grad()
-        loss.backward()
-        if config.clip_grad:
-            clip_gradients(student, config.clip_grad)
-        cancel_gradients_last_layer(epoch, student, config.freeze_last_layer)
-        optimizer.step()
-        with torch.no_grad():
-            m = momentum_schedule[it]
-            for param_q, param_k in zip(student.parameters(), teacher.parameters(), strict=True):
-                param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
-        losses.append(float(loss.item()))
-    return losses, center
+    losses = [training.step(crops) for crops in batches]
+    return losses, training.center
 
 
 def make_teacher(student: nn.Module) -> nn.Module:
