@@ -253,4 +253,3 @@ def _resolve_vit(
         f"num_heads = {heads or arch_heads} "
         f"({'--num_heads' if heads else f'the default of {arch}'}; not in the shapes)"
     )
-

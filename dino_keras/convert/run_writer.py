@@ -20,6 +20,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import tensorflow as tf
+
 from dino_keras.checkpointing import (
     ARCHITECTURE_FLAGS,
     TrainingCheckpoint,
@@ -141,7 +143,7 @@ def convert(
     checkpoint = load_torch_checkpoint(source, allow_pickle) if isinstance(source, str) else source
     contents = parse_checkpoint(checkpoint, checkpoint_key)
     config, notes = resolve_config(contents, overrides or {}, output_dir)
-    if os.path.isdir(config.checkpoint_dir) and os.listdir(config.checkpoint_dir):
+    if tf.io.gfile.isdir(config.checkpoint_dir) and tf.io.gfile.listdir(config.checkpoint_dir):
         raise ConversionError(
             f"{config.checkpoint_dir} already holds checkpoints; convert into a new --output_dir"
         )
@@ -267,6 +269,8 @@ def _write_flagfile(config: TrainConfig, extra: Mapping[str, Any]) -> str:
         elif isinstance(value, tuple):
             value = ",".join(str(v) for v in value)
         lines.append(f"--{field}={value}")
-    with open(path, "w", encoding="utf-8") as f:
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with tf.io.gfile.GFile(temporary, "w") as f:
         f.write("\n".join(lines) + "\n")
+    tf.io.gfile.rename(temporary, path, overwrite=True)
     return path

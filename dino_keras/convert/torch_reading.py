@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import os
 import pickle
 from collections.abc import Mapping
@@ -58,13 +59,23 @@ def import_torch():
 
 def load_torch_checkpoint(path: str, allow_pickle: bool = False) -> Any:
     """`torch.load(path, map_location="cpu")` with `weights_only=True` (plain tensors, dicts and
-    the reference's `args` Namespace); other pickled objects only with `allow_pickle`."""
-    if not os.path.isfile(path):
+    the reference's `args` Namespace); other pickled objects only with `allow_pickle`. `path`
+    may be on any filesystem `tf.io.gfile` reaches (remote files are read into memory)."""
+    import tensorflow as tf
+
+    if not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):
         raise ConversionError(f"--checkpoint: no such file {path!r}")
     torch = import_torch()
+
+    def source():
+        if os.path.isfile(path):
+            return path
+        with tf.io.gfile.GFile(path, "rb") as f:
+            return io.BytesIO(f.read())
+
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(source(), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if not allow_pickle:
             raise ConversionError(
@@ -72,7 +83,7 @@ def load_torch_checkpoint(path: str, allow_pickle: bool = False) -> Any:
                 "--allow_pickle to load it with weights_only=False, only if you trust the "
                 "file: unpickling can run arbitrary code."
             ) from error
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(source(), map_location="cpu", weights_only=False)
 
 
 def to_numpy(value) -> np.ndarray:
@@ -233,4 +244,3 @@ def _reference_args(args) -> dict:
         if found["arch"] not in VIT_ARCHS and found["arch"] != "resnet50":
             del found["arch"]  # e.g. a timm name: the shapes decide
     return found
-
