@@ -1,13 +1,15 @@
-"""Export a run's backbone as a SavedModel for TensorFlow Serving.
+"""Export a run's backbone as a SavedModel for TensorFlow Serving, or as a .keras file.
 
     python scripts/export.py --checkpoint=runs/dino --export_dir=exports/dino [--version=1]
-        [--which=teacher|student] [--image_size=N] [--overwrite_version]
+        [--format=saved_model|keras] [--which=teacher|student] [--image_size=N]
+        [--overwrite_version]
 
 --checkpoint: a run directory, its checkpoints directory or a checkpoint prefix. Writes
 <export_dir>/<version>/ (saved_model.pb, variables/, assets.extra/dino_export.json); an existing
 version directory is refused unless --overwrite_version. Signatures: serving_default (float32
 images 0..255 of any size) and serve_image_bytes (encoded JPEG/PNG strings); see
-dino_keras/export.py.
+dino_keras/export.py. --format=keras writes <export_dir>/backbone-<version>.keras instead (0..255
+images -> embedding, for fine-tuning; see dino_keras/keras_export.py).
 """
 
 from __future__ import annotations
@@ -39,12 +41,20 @@ def define_flags(flag_values) -> None:
         "version", 1, "Version subdirectory (a positive integer).", flag_values=flag_values
     )
     flags.DEFINE_enum(
+        "format",
+        "saved_model",
+        ["saved_model", "keras"],
+        "saved_model: TF Serving's layout, loads without dino_keras; keras: one .keras file "
+        "that keras.saving.load_model restores where dino_keras is installed.",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_enum(
         "which", "teacher", ["teacher", "student"], "Network to export.", flag_values=flag_values
     )
     flags.DEFINE_integer(
         "image_size",
         0,
-        "Crop size of serve_image_bytes; 0: the run's --global_crops_size.",
+        "Crop size of serve_image_bytes (--format=saved_model); 0: the run's --global_crops_size.",
         flag_values=flag_values,
     )
     flags.DEFINE_bool(
@@ -57,6 +67,18 @@ def define_flags(flag_values) -> None:
 
 
 def run(flag_values) -> str:
+    if flag_values.format == "keras":
+        from dino_keras.keras_export import export_keras_run
+
+        path = export_keras_run(
+            flag_values.checkpoint,
+            flag_values.export_dir,
+            version=flag_values.version,
+            which=flag_values.which,
+            overwrite=flag_values.overwrite_version,
+        )
+        print(f"Exported the {flag_values.which} backbone of {flag_values.checkpoint} to {path}")
+        return path
     from dino_keras.export import export_run
 
     path = export_run(
@@ -76,11 +98,12 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from dino_keras.export import ExportError
+    from dino_keras.keras_export import KerasExportError
     from dino_keras.run_loading import RunLoadingError
 
     try:
         run(flags.FLAGS)
-    except (ExportError, RunLoadingError) as error:
+    except (ExportError, KerasExportError, RunLoadingError) as error:
         sys.exit(f"error: {error}")
 
 

@@ -20,7 +20,6 @@ import torch
 import torchvision
 
 from benchmarks import reference_torch as ref
-from dino_keras import convert as convert_module
 from dino_keras.checkpointing import ARCHITECTURE_FLAGS, TrainingCheckpoint
 from dino_keras.config import TrainConfig
 from dino_keras.convert import (
@@ -32,6 +31,7 @@ from dino_keras.convert import (
     parse_checkpoint,
     plan_fill,
     resolve_config,
+    run_writer,
 )
 from dino_keras.models.factory import build_backbone
 from dino_keras.training import build_trainer
@@ -476,7 +476,7 @@ def test_train_script_resumes_a_converted_full_checkpoint(tmp_path):
 
 
 def test_flagfile_repeats_every_architecture_flag():
-    assert set(ARCHITECTURE_FLAGS) <= set(convert_module._FLAGFILE_FIELDS)
+    assert set(ARCHITECTURE_FLAGS) <= set(run_writer.FLAGFILE_FIELDS)
 
 
 def test_reference_args_with_early_arch_names():
