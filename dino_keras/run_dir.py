@@ -4,8 +4,8 @@ A run directory may be a local path or any file system TensorFlow supports (`gs:
 `ram://run` in memory). Files a reader may open at any moment (the configuration, the summary)
 are replaced atomically: written under a temporary name, then renamed over the old file (on an
 object store such as GCS the rename is a copy, but an object still appears only once complete).
-The JSON-lines log grows one record at a time; reading it back skips a line cut short by a
-killed process.
+The JSON-lines log grows one record at a time; a line cut short by a killed process is skipped
+when the log is read back, and the next record starts a line of its own.
 """
 
 from __future__ import annotations
@@ -121,9 +121,25 @@ def read_json(path: str):
 
 
 def append_jsonl(path: str, record: dict) -> None:
-    """Appends one JSON object as one line (the file is created if need be)."""
+    """Appends one JSON object as one line (the file is created if need be). After a line cut
+    short by a killed process the record starts a line of its own, so that it is not lost."""
+    line = json.dumps(record) + "\n"
+    if not _ends_a_line(path):
+        line = "\n" + line
     with tf.io.gfile.GFile(str(path), "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(line)
+
+
+def _ends_a_line(path: str) -> bool:
+    """Whether the file is absent, empty or ends with a newline."""
+    if not exists(path):
+        return True
+    size = tf.io.gfile.stat(str(path)).length
+    if size == 0:
+        return True
+    with tf.io.gfile.GFile(str(path), "rb") as f:
+        f.seek(size - 1)
+        return f.read(1) == b"\n"
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -42,7 +42,7 @@ def test_failed_write_keeps_the_old_file_and_removes_the_temporary(directory, mo
     assert tf.io.gfile.listdir(directory) == ["config.json"]
 
 
-def test_jsonl_appends_and_reads_back_skipping_a_cut_line(directory):
+def test_jsonl_appends_and_reads_back_past_a_cut_line(directory):
     path = run_dir.join(directory, run_dir.LOG_FILE)
     assert run_dir.read_jsonl(path) == []
     run_dir.makedirs(directory)
@@ -51,7 +51,12 @@ def test_jsonl_appends_and_reads_back_skipping_a_cut_line(directory):
     with tf.io.gfile.GFile(path, "a") as f:
         f.write('{"epoch": 3, "lo')  # a process killed inside a write
     assert run_dir.read_jsonl(path) == [{"epoch": 1, "loss": 2.5}, {"epoch": 2, "loss": 2.0}]
-    assert run_dir.read_text(path).count("\n") == 2
+    run_dir.append_jsonl(path, {"epoch": 3, "loss": 1.5})  # the rerun's record: kept
+    assert run_dir.read_jsonl(path) == [
+        {"epoch": 1, "loss": 2.5},
+        {"epoch": 2, "loss": 2.0},
+        {"epoch": 3, "loss": 1.5},
+    ]
 
 
 def test_config_and_summary_files(directory):
