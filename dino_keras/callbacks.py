@@ -3,16 +3,14 @@ evaluation, logging, checkpoints, NaN stop, memory release while the step compil
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
 
 import keras
 import tensorflow as tf
 
-from dino_keras import memory
+from dino_keras import memory, run_dir
 
 log = logging.getLogger(__name__)
 
@@ -22,10 +20,10 @@ class RunLog:
     scalars to TensorBoard (`<output_dir>/tensorboard`)."""
 
     def __init__(self, output_dir: str, enabled: bool = True):
-        self.path = os.path.join(output_dir, "log.jsonl")
+        self.path = run_dir.join(output_dir, run_dir.LOG_FILE)
         self.enabled = enabled
         self.writer = (
-            tf.summary.create_file_writer(os.path.join(output_dir, "tensorboard"))
+            tf.summary.create_file_writer(run_dir.join(output_dir, run_dir.TENSORBOARD_DIR))
             if enabled
             else None
         )
@@ -34,8 +32,7 @@ class RunLog:
         record = {"epoch": epoch, **{k: _to_python(v) for k, v in values.items()}}
         if not self.enabled:
             return record
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        run_dir.append_jsonl(self.path, record)
         with self.writer.as_default(step=epoch):
             for name, value in record.items():
                 if name != "epoch" and isinstance(value, (int, float)):
@@ -46,19 +43,12 @@ class RunLog:
     def records(self) -> list[dict]:
         """The logged records, one per epoch: an epoch repeated after a restart keeps its last
         record; a line cut short by a killed process is skipped."""
-        if not os.path.exists(self.path):
-            return []
         by_epoch: dict[tuple, dict] = {}
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                # k-NN-only records (epoch 0) and epoch records are kept apart.
-                key = (record.get("epoch"), "loss" in record)
-                by_epoch.pop(key, None)
-                by_epoch[key] = record
+        for record in run_dir.read_jsonl(self.path):
+            # k-NN-only records (epoch 0) and epoch records are kept apart.
+            key = (record.get("epoch"), "loss" in record)
+            by_epoch.pop(key, None)
+            by_epoch[key] = record
         return sorted(by_epoch.values(), key=lambda r: (r.get("epoch", 0), "loss" in r))
 
 

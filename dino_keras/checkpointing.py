@@ -9,15 +9,18 @@ after that, so a process killed at any moment leaves the previous checkpoint loa
 
 The resolved configuration of the run is stored beside them (`config.json`); a rerun of a
 different architecture into the same directory is refused before anything is written.
+
+All of it goes through TensorFlow's file system layer (`tf.train.CheckpointManager` writes,
+renames and deletes with `tf.io.gfile`), so the directory may be remote (`gs://...`).
 """
 
 from __future__ import annotations
 
-import json
-import os
+import dataclasses
 
 import tensorflow as tf
 
+from dino_keras import run_dir
 from dino_keras.config import ConfigError, TrainConfig
 
 # Changing one of these makes an existing checkpoint unusable for the run.
@@ -75,7 +78,9 @@ _STEP_KEY = "step/.ATTRIBUTES/VARIABLE_VALUE"
 def _saved_step(path: str) -> int:
     """The step stored in a checkpoint (-1 for checkpoints written before steps were)."""
     try:
-        return int(tf.train.load_variable(path, _STEP_KEY))
+        # The reader itself, not `tf.train.load_variable`: on `ram://` a checkpoint prefix also
+        # counts as a directory, and `load_variable` would look for an index file inside it.
+        return int(tf.compat.v1.train.NewCheckpointReader(path).get_tensor(_STEP_KEY))
     except (tf.errors.NotFoundError, ValueError):
         return -1
 
@@ -109,7 +114,7 @@ class TrainingCheckpoint:
         )
         self.backups = tf.train.CheckpointManager(
             self.checkpoint,
-            os.path.join(self.write_directory, "backup"),
+            run_dir.join(self.write_directory, "backup"),
             max_to_keep=1,
             checkpoint_name="step",
         )
@@ -123,7 +128,7 @@ class TrainingCheckpoint:
         """Restorable checkpoints of the run: the latest epoch checkpoint and backup."""
         paths = [
             tf.train.latest_checkpoint(self.directory),
-            tf.train.latest_checkpoint(os.path.join(self.directory, "backup")),
+            tf.train.latest_checkpoint(run_dir.join(self.directory, "backup")),
         ]
         return [path for path in paths if path]
 
@@ -147,7 +152,7 @@ class TrainingCheckpoint:
         self.step.assign(self.optimizer.iterations)
         path = self.manager.save(checkpoint_number=epoch)
         if keep:
-            self.checkpoint.write(os.path.join(self.write_directory, f"epoch-{epoch:04d}"))
+            self.checkpoint.write(run_dir.join(self.write_directory, f"epoch-{epoch:04d}"))
         return path
 
     def save_backup(self, epoch: int) -> str:
@@ -161,20 +166,17 @@ class TrainingCheckpoint:
 def check_or_write_run_config(config: TrainConfig) -> None:
     """Write `<output_dir>/config.json`; refuse a run whose architecture differs from the one
     of the checkpoints already in `output_dir` (naming the flag)."""
-    path = os.path.join(config.output_dir, "config.json")
-    if os.path.exists(path) and tf.train.latest_checkpoint(config.checkpoint_dir):
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-        for flag in ARCHITECTURE_FLAGS:
-            current = getattr(config, flag)
-            if flag in saved and saved[flag] != current:
-                raise ConfigError(
-                    f"--{flag}={current} differs from the checkpoints in {config.checkpoint_dir} "
-                    f"(trained with --{flag}={saved[flag]}); use another --output_dir or the "
-                    "same value. Nothing was overwritten."
-                )
-    os.makedirs(config.output_dir, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(config.to_json())
-    os.replace(tmp, path)
+    saved = (
+        run_dir.read_config(config.output_dir)
+        if tf.train.latest_checkpoint(config.checkpoint_dir)
+        else None
+    )
+    for flag in ARCHITECTURE_FLAGS:
+        current = getattr(config, flag)
+        if saved and flag in saved and saved[flag] != current:
+            raise ConfigError(
+                f"--{flag}={current} differs from the checkpoints in {config.checkpoint_dir} "
+                f"(trained with --{flag}={saved[flag]}); use another --output_dir or the "
+                "same value. Nothing was overwritten."
+            )
+    run_dir.write_config(config.output_dir, dataclasses.asdict(config))

@@ -26,12 +26,20 @@ from tensorflow.core.protobuf import trackable_object_graph_pb2
 from dino_keras.checkpointing import NetworkVariables, network_checkpoint
 from dino_keras.config import ConfigError, TrainConfig
 from dino_keras.models.factory import build_student_and_teacher
+from dino_keras.run_dir import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    exists,
+    is_dir,
+    is_file,
+    join,
+    normalize,
+    read_json,
+)
 
 log = logging.getLogger(__name__)
 
 NETWORKS = ("teacher", "student")
-CONFIG_FILE = "config.json"
-CHECKPOINTS_DIR = "checkpoints"
 _OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 # What TensorFlow's checkpoint reader raises on damaged files (a truncated data file gives an
 # IndexError, a bad index file a DataLossError or a ValueError).
@@ -63,20 +71,20 @@ class LoadedBackbone:
 
 
 def _is_checkpoint_prefix(path: str) -> bool:
-    return os.path.isfile(path + ".index")
+    return is_file(path + ".index")
 
 
 def resolve_checkpoint(path: str) -> tuple[str, str]:
     """(run directory holding config.json, checkpoint prefix) for a run directory, its
     checkpoints directory or a checkpoint prefix (`.../checkpoints/latest-3`)."""
-    path = os.path.normpath(path)
+    path = normalize(path)
     if _is_checkpoint_prefix(path):
         prefix = path
         folder = os.path.dirname(prefix)
         candidates = [os.path.dirname(folder), folder]
-    elif os.path.isdir(path):
-        checkpoints = os.path.join(path, CHECKPOINTS_DIR)
-        if os.path.isdir(checkpoints):
+    elif is_dir(path):
+        checkpoints = join(path, CHECKPOINTS_DIR)
+        if is_dir(checkpoints):
             folder, candidates = checkpoints, [path]
         else:
             folder, candidates = path, [os.path.dirname(path), path]
@@ -86,7 +94,7 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
                 f"no checkpoint in {folder} (expected a 'checkpoint' index file and "
                 "latest-N.index / .data files written by training)"
             )
-    elif os.path.exists(path + ".data-00000-of-00001") or path.endswith((".index", ".data")):
+    elif exists(path + ".data-00000-of-00001") or path.endswith((".index", ".data")):
         raise RunLoadingError(
             f"{path}: pass the checkpoint prefix (e.g. .../checkpoints/latest-3), not one of its "
             "files, or its .index file is missing"
@@ -97,21 +105,20 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
             "checkpoints directory or a checkpoint prefix)"
         )
     for run_dir in candidates:
-        if os.path.isfile(os.path.join(run_dir, CONFIG_FILE)):
+        if is_file(join(run_dir, CONFIG_FILE)):
             return run_dir, prefix
     raise RunLoadingError(
         f"no {CONFIG_FILE} found for checkpoint {prefix} (looked in "
-        f"{' and '.join(os.path.join(d, CONFIG_FILE) for d in candidates)})"
+        f"{' and '.join(join(d, CONFIG_FILE) for d in candidates)})"
     )
 
 
 def read_run_config(run_dir: str) -> TrainConfig:
     """The `TrainConfig` stored in `<run_dir>/config.json`."""
-    path = os.path.join(run_dir, CONFIG_FILE)
+    path = join(run_dir, CONFIG_FILE)
     try:
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-    except OSError as error:
+        saved = read_json(path)
+    except (OSError, tf.errors.OpError) as error:
         raise RunLoadingError(f"cannot read {path}: {error}") from error
     except json.JSONDecodeError as error:
         raise RunLoadingError(f"{path} is not valid JSON: {error}") from error
@@ -141,7 +148,8 @@ def read_run_config(run_dir: str) -> TrainConfig:
 def _checkpoint_entries(prefix: str, network_name: str) -> dict[str, tuple[int, ...]]:
     """{variable path inside the network: shape} of `<network_name>/by_path` in a checkpoint."""
     try:
-        reader = tf.train.load_checkpoint(prefix)
+        # Not `tf.train.load_checkpoint`, which takes a prefix for a directory on `ram://`.
+        reader = tf.compat.v1.train.NewCheckpointReader(prefix)
         graph = trackable_object_graph_pb2.TrackableObjectGraph()
         graph.ParseFromString(reader.get_tensor(_OBJECT_GRAPH_KEY))
         shapes = reader.get_variable_to_shape_map()
@@ -239,7 +247,7 @@ def load_backbone(path: str, which: str = "teacher") -> LoadedBackbone:
     run_dir, prefix = resolve_checkpoint(path)
     config = read_run_config(run_dir)
     student, teacher = build_networks(config)
-    config_path = os.path.join(run_dir, CONFIG_FILE)
+    config_path = join(run_dir, CONFIG_FILE)
     for name, network in (("student", student), ("teacher", teacher)):
         check_checkpoint_matches(prefix, name, network, config_path)
     checkpoint = network_checkpoint(student=student, teacher=teacher)

@@ -1,4 +1,5 @@
-"""Per-step and per-epoch schedules of DINO, evaluated in closed form on the step counter.
+"""Per-step and per-epoch schedules of DINO and of the linear probe, in closed form on the step
+counter.
 
 The reference tabulates its schedules with numpy (`np.linspace` for warm-ups, a cosine over
 the remaining steps) and indexes the table with the global step. The functions here compute
@@ -100,3 +101,29 @@ class CosineSchedule(keras.optimizers.schedules.LearningRateSchedule):
             "warmup_steps": self.warmup_steps,
             "start_warmup_value": self.start_warmup_value,
         }
+
+
+def epoch_cosine(peak, epoch, epochs: int):
+    """`peak * (1 + cos(pi * epoch / epochs)) / 2`: PyTorch's CosineAnnealingLR(T_max=epochs,
+    eta_min=0) after `epoch` epochs. `epoch` is a Python number (a float result) or a float32
+    tensor (a float32 tensor)."""
+    cos = tf.cos if tf.is_tensor(epoch) else math.cos
+    return peak * 0.5 * (1.0 + cos(math.pi * epoch / epochs))
+
+
+@keras.saving.register_keras_serializable("dino_keras")
+class EpochCosineSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """`epoch_cosine` stepped once per epoch, as a Keras schedule (float32): the linear
+    probe's learning rate."""
+
+    def __init__(self, peak: float, epochs: int, steps_per_epoch: int):
+        self.peak = peak
+        self.epochs = epochs
+        self.steps_per_epoch = steps_per_epoch
+
+    def __call__(self, step):
+        epoch = tf.cast(tf.math.floordiv(tf.cast(step, tf.int64), self.steps_per_epoch), tf.float32)
+        return epoch_cosine(self.peak, epoch, self.epochs)
+
+    def get_config(self):
+        return {"peak": self.peak, "epochs": self.epochs, "steps_per_epoch": self.steps_per_epoch}

@@ -6,15 +6,14 @@ in `output_dir` (or, when training is complete, only re-reports the summary).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 
 import keras
 import tensorflow as tf
 
 from dino_keras import callbacks as cbs
+from dino_keras import run_dir
 from dino_keras.checkpointing import TrainingCheckpoint, check_or_write_run_config
 from dino_keras.config import TrainConfig
 from dino_keras.data.loader_processes import multicrop_dataset_from_processes
@@ -186,7 +185,9 @@ def _run(config: TrainConfig, strategy, role: WorkerRole, extra_callbacks: list)
             teacher=trainer.teacher,
             optimizer=trainer.optimizer,
             center=trainer.center,
-            write_directory=os.path.join(role.output_dir(config.output_dir), "checkpoints"),
+            write_directory=run_dir.join(
+                role.output_dir(config.output_dir), run_dir.CHECKPOINTS_DIR
+            ),
         )
         initial_step = checkpoint.restore()
     initial_epoch, skip_steps = divmod(initial_step, steps)
@@ -277,7 +278,7 @@ def _run(config: TrainConfig, strategy, role: WorkerRole, extra_callbacks: list)
         say(f"Training already complete ({initial_epoch} epochs in {config.checkpoint_dir})")
     summary = summarize(config, run_log, checkpoint, time.time() - start)
     if role.is_chief:
-        write_summary(config, summary)
+        run_dir.write_summary(config.output_dir, summary)
     return summary
 
 
@@ -291,7 +292,7 @@ def attention_images(config: TrainConfig, source: ImageSource, count: int = 4) -
     return [
         AttentionImages(
             images.numpy(),
-            os.path.join(config.output_dir, "tensorboard"),
+            run_dir.join(config.output_dir, run_dir.TENSORBOARD_DIR),
             every=max(config.eval_every, 1),
         )
     ]
@@ -321,13 +322,7 @@ def summarize(
         "training_seconds_this_run": round(seconds, 1),
         "checkpoint": checkpoint.latest_path,
         "log": run_log.path,
-        "tensorboard": os.path.join(config.output_dir, "tensorboard"),
+        "tensorboard": run_dir.join(config.output_dir, run_dir.TENSORBOARD_DIR),
     }
     return summary
 
-
-def write_summary(config: TrainConfig, summary: dict) -> None:
-    path = os.path.join(config.output_dir, "summary.json")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(path + ".tmp", path)

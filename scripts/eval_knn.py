@@ -13,6 +13,7 @@ files there and reused while the model, data and image size are the same.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import sys
@@ -71,35 +72,39 @@ class UsageError(ValueError):
 
 
 def _cache_path(cache_dir: str, description: dict, split: str) -> str:
+    from dino_keras import run_dir
+
     digest = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
-    return os.path.join(cache_dir, f"knn-features-{split}-{digest}.npz")
+    return run_dir.join(cache_dir, f"knn-features-{split}-{digest}.npz")
 
 
 def _features(extract, dataset_fn, cache_dir: str, description: dict, split: str):
     import numpy as np
 
+    from dino_keras import run_dir
+
     path = _cache_path(cache_dir, description, split) if cache_dir else ""
-    if path and os.path.isfile(path):
-        with np.load(path) as cached:
+    if path and run_dir.is_file(path):
+        with np.load(io.BytesIO(run_dir.read_bytes(path))) as cached:
             if json.loads(str(cached["description"])) == description:
                 print(f"Using cached {split} features from {path}")
                 return cached["features"], cached["labels"]
     features, labels = extract(dataset_fn())
     if path:
-        os.makedirs(cache_dir, exist_ok=True)
-        temporary = path + ".tmp.npz"
+        encoded = io.BytesIO()
         np.savez(
-            temporary,
+            encoded,
             features=features,
             labels=labels,
             description=json.dumps(description, sort_keys=True),
         )
-        os.replace(temporary, path)
+        run_dir.write_atomically(path, encoded.getvalue())
         print(f"Cached {split} features in {path}")
     return features, labels
 
 
 def run(flag_values) -> dict:
+    from dino_keras import run_dir
     from dino_keras.data.multicrop import build_eval_dataset
     from dino_keras.evaluation.knn import extract_features, extract_pixels, weighted_knn
     from dino_keras.run_loading import resolve_eval_sources
@@ -120,8 +125,8 @@ def run(flag_values) -> dict:
 
         loaded = load_backbone(flag_values.checkpoint, which=flag_values.which)
         image_size = flag_values.image_size or loaded.config.global_crops_size
-        model = {"checkpoint": os.path.abspath(loaded.checkpoint_path), "which": loaded.which}
-        model_mtime = os.path.getmtime(loaded.checkpoint_path + ".index")
+        model = {"checkpoint": run_dir.absolute(loaded.checkpoint_path), "which": loaded.which}
+        model_mtime = run_dir.modification_time(loaded.checkpoint_path + ".index")
 
         def extract(dataset):
             return extract_features(loaded.backbone, dataset)
@@ -132,8 +137,8 @@ def run(flag_values) -> dict:
         image_size = flag_values.image_size or metadata.get("image_size")
         if not image_size:
             raise UsageError(f"{directory} records no image_size; pass --image_size")
-        model = {"saved_model": os.path.abspath(directory)}
-        model_mtime = os.path.getmtime(os.path.join(directory, "saved_model.pb"))
+        model = {"saved_model": run_dir.absolute(directory)}
+        model_mtime = run_dir.modification_time(run_dir.join(directory, "saved_model.pb"))
 
         def extract(dataset):
             return exported_features(exported, dataset)
@@ -195,8 +200,7 @@ def run(flag_values) -> dict:
             f"(raw pixels: top-1 {baseline['top1']:.2f}%, top-5 {baseline['top5']:.2f}%)"
         )
     if flag_values.output_json:
-        with open(flag_values.output_json, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
+        run_dir.write_json(flag_values.output_json, results)
     return results
 
 

@@ -59,6 +59,7 @@ def define_flags(flag_values) -> None:
 
 
 def run(flag_values) -> dict:
+    from dino_keras import run_dir
     from dino_keras.evaluation.linear import LinearSettings, run_linear_evaluation
     from dino_keras.run_loading import load_backbone, resolve_eval_sources
 
@@ -81,7 +82,7 @@ def run(flag_values) -> dict:
         seed=flag_values.seed,
         eval_batch_size=flag_values.eval_batch_size,
     )
-    description = f"{loaded.which} of {os.path.abspath(loaded.checkpoint_path)}"
+    description = f"{loaded.which} of {run_dir.absolute(loaded.checkpoint_path)}"
     return run_linear_evaluation(
         loaded.backbone, train, test, settings, backbone_description=description
     )

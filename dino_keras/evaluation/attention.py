@@ -9,12 +9,13 @@ head's attention mass (the reference's `--threshold`, e.g. 0.6).
 
 from __future__ import annotations
 
-import os
+import io
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from dino_keras import run_dir
 from dino_keras.data import augment
 
 # Colours of the mask overlays, one per head (cycled).
@@ -156,7 +157,7 @@ def attention_visuals(backbone, images_uint8: np.ndarray, threshold: float) -> d
 
 
 # --------------------------------------------------------------------------- #
-# Images on disk
+# Image files (any path `tf.io.gfile` reads and writes)
 # --------------------------------------------------------------------------- #
 
 
@@ -164,13 +165,13 @@ def load_image(path: str) -> np.ndarray:
     """An image file as uint8 RGB [H, W, 3]; `AttentionError` naming the file if unreadable."""
     from PIL import Image, UnidentifiedImageError
 
-    if not os.path.isfile(path):
+    if not run_dir.is_file(path):
         raise AttentionError(f"image {path} does not exist")
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(run_dir.read_bytes(path))) as image:
             image.load()
             return np.asarray(image.convert("RGB"), np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, tf.errors.OpError) as error:
         raise AttentionError(
             f"cannot read image {path} (corrupt or not an image): {error}"
         ) from error
@@ -210,8 +211,9 @@ def prepare_image(image: np.ndarray, patch_size: int, image_size=()) -> np.ndarr
 def _write_png(path: str, array: np.ndarray) -> str:
     from PIL import Image
 
-    Image.fromarray(array).save(path, format="PNG")
-    return path
+    encoded = io.BytesIO()
+    Image.fromarray(array).save(encoded, format="PNG")
+    return run_dir.write_atomically(path, encoded.getvalue())
 
 
 def save_attention_pngs(
@@ -220,13 +222,13 @@ def save_attention_pngs(
     """Write img.png, attn-head{i}.png per head and (with a threshold) mask-head{i}.png per head
     for one prepared uint8 image [H, W, 3]; returns the paths."""
     visuals = attention_visuals(backbone, image[None], threshold or 1.0)
-    os.makedirs(output_dir, exist_ok=True)
-    paths = [_write_png(os.path.join(output_dir, "img.png"), image)]
+    run_dir.makedirs(output_dir)
+    paths = [_write_png(run_dir.join(output_dir, "img.png"), image)]
     for head, coloured in enumerate(visuals["maps"][0]):
-        paths.append(_write_png(os.path.join(output_dir, f"attn-head{head}.png"), coloured))
+        paths.append(_write_png(run_dir.join(output_dir, f"attn-head{head}.png"), coloured))
     if threshold:
         for head, overlay in enumerate(visuals["overlays"][0]):
-            paths.append(_write_png(os.path.join(output_dir, f"mask-head{head}.png"), overlay))
+            paths.append(_write_png(run_dir.join(output_dir, f"mask-head{head}.png"), overlay))
     return paths
 
 

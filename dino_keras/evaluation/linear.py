@@ -17,18 +17,18 @@ the same command resumes), `log.jsonl` (one record per epoch), `tensorboard/` an
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import time
 
 import keras
 import tensorflow as tf
 
+from dino_keras import run_dir
 from dino_keras.data import augment
 from dino_keras.data.multicrop import build_eval_dataset
 from dino_keras.data.sources import ImageSource
 from dino_keras.optim import DinoOptimizer
+from dino_keras.schedules import EpochCosineSchedule, epoch_cosine
 
 CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop default
 INIT_STDDEV = 0.01
@@ -75,7 +75,7 @@ class LinearSettings:
 
 
 # --------------------------------------------------------------------------- #
-# Features, classifier, schedule
+# Features, classifier
 # --------------------------------------------------------------------------- #
 
 
@@ -120,27 +120,6 @@ def build_classifier(feature_dim: int, num_classes: int, seed: int = 0) -> keras
     )
     classifier.build((None, feature_dim))
     return classifier
-
-
-@keras.saving.register_keras_serializable("dino_keras")
-class EpochCosineSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """PyTorch's CosineAnnealingLR(T_max=epochs, eta_min=0) stepped once per epoch."""
-
-    def __init__(self, peak: float, epochs: int, steps_per_epoch: int):
-        self.peak = peak
-        self.epochs = epochs
-        self.steps_per_epoch = steps_per_epoch
-
-    def __call__(self, step):
-        epoch = tf.cast(tf.math.floordiv(tf.cast(step, tf.int64), self.steps_per_epoch), tf.float32)
-        return self.peak * 0.5 * (1.0 + tf.cos(math.pi * epoch / self.epochs))
-
-    def get_config(self):
-        return {"peak": self.peak, "epochs": self.epochs, "steps_per_epoch": self.steps_per_epoch}
-
-
-def epoch_learning_rate(peak: float, epoch: int, epochs: int) -> float:
-    return peak * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
 
 
 # --------------------------------------------------------------------------- #
@@ -260,7 +239,7 @@ class LinearEvaluation:
         )
         self.manager = tf.train.CheckpointManager(
             self.checkpoint,
-            os.path.join(settings.output_dir, "checkpoints"),
+            run_dir.join(settings.output_dir, run_dir.CHECKPOINTS_DIR),
             max_to_keep=1,
             checkpoint_name="latest",
         )
@@ -318,33 +297,26 @@ class LinearEvaluation:
 
 
 def _check_or_write_settings(settings: LinearSettings, record: dict) -> None:
-    path = os.path.join(settings.output_dir, SETTINGS_FILE)
-    checkpoints = os.path.join(settings.output_dir, "checkpoints")
-    if os.path.exists(path) and tf.train.latest_checkpoint(checkpoints):
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-        for key in _RESUME_KEYS:
-            if key in saved and saved[key] != record[key]:
-                raise LinearEvalError(
-                    f"{key}={record[key]!r} differs from the linear evaluation in "
-                    f"{settings.output_dir} ({key}={saved[key]!r}); use another --output_dir. "
-                    "Nothing was overwritten."
-                )
-    os.makedirs(settings.output_dir, exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    checkpoints = run_dir.join(settings.output_dir, run_dir.CHECKPOINTS_DIR)
+    saved = (
+        run_dir.read_config(settings.output_dir, SETTINGS_FILE)
+        if tf.train.latest_checkpoint(checkpoints)
+        else None
+    )
+    for key in _RESUME_KEYS:
+        if saved and key in saved and saved[key] != record[key]:
+            raise LinearEvalError(
+                f"{key}={record[key]!r} differs from the linear evaluation in "
+                f"{settings.output_dir} ({key}={saved[key]!r}); use another --output_dir. "
+                "Nothing was overwritten."
+            )
+    run_dir.write_config(settings.output_dir, record, SETTINGS_FILE)
 
 
 def _read_log(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
     records: dict[int, dict] = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                record = json.loads(line)
-                records[record["epoch"]] = record  # a repeated epoch (crash, rerun): keep last
+    for record in run_dir.read_jsonl(path):
+        records[record["epoch"]] = record  # a repeated epoch (crash, rerun): keep last
     return [records[epoch] for epoch in sorted(records)]
 
 
@@ -379,8 +351,9 @@ def run_linear_evaluation(
     steps = math.ceil(train_source.num_examples / settings.batch_size)
     evaluation = LinearEvaluation(features, num_classes, settings, steps)
     start_epoch = evaluation.restore()
-    log_path = os.path.join(settings.output_dir, "log.jsonl")
-    writer = tf.summary.create_file_writer(os.path.join(settings.output_dir, "tensorboard"))
+    log_path = run_dir.join(settings.output_dir, run_dir.LOG_FILE)
+    tensorboard = run_dir.join(settings.output_dir, run_dir.TENSORBOARD_DIR)
+    writer = tf.summary.create_file_writer(tensorboard)
     say = print if verbose else (lambda *args, **kwargs: None)
     if start_epoch:
         say(
@@ -399,7 +372,7 @@ def run_linear_evaluation(
     start = time.time()
     for epoch in range(start_epoch, settings.epochs):
         epoch_start = time.time()
-        lr = epoch_learning_rate(settings.peak_lr, epoch, settings.epochs)
+        lr = epoch_cosine(settings.peak_lr, epoch, settings.epochs)
         train_loss = evaluation.train_epoch(
             build_train_dataset(
                 train_source,
@@ -424,8 +397,7 @@ def run_linear_evaluation(
             f"(best top-1 {best['top1']:.2f}% after epoch {best['epoch']})",
             flush=True,
         )
-        with open(log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
+        run_dir.append_jsonl(log_path, entry)
         with writer.as_default(step=epoch + 1):
             for name in ("train_loss", "lr", "test_loss", "top1", "top5"):
                 tf.summary.scalar(f"linear/{name}", entry[name])
@@ -451,12 +423,9 @@ def run_linear_evaluation(
         "test_data": test_source.name,
         "seconds_this_run": round(time.time() - start, 1),
         "log": log_path,
-        "tensorboard": os.path.join(settings.output_dir, "tensorboard"),
+        "tensorboard": tensorboard,
     }
-    path = os.path.join(settings.output_dir, "summary.json")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(path + ".tmp", path)
+    run_dir.write_summary(settings.output_dir, summary)
     say(
         f"Linear evaluation: best top-1 {best['top1']:.2f}% (top-5 {best['top5']:.2f}%) after "
         f"epoch {best['epoch']}; final top-1 {final['top1']:.2f}%",

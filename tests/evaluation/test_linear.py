@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
+from dino_keras import schedules
 from dino_keras.data.sources import FASHION_MNIST_DIR, resolve_source
 from dino_keras.evaluation import linear
 from dino_keras.evaluation.linear import LinearEvalError, LinearSettings
@@ -56,7 +57,7 @@ def test_classifier_init_and_per_epoch_cosine():
     classifier = linear.build_classifier(512, 100, seed=0)
     assert classifier.kernel.numpy().std() == pytest.approx(0.01, rel=0.05)
     assert not classifier.bias.numpy().any()
-    schedule = linear.EpochCosineSchedule(0.4, epochs=4, steps_per_epoch=10)
+    schedule = schedules.EpochCosineSchedule(0.4, epochs=4, steps_per_epoch=10)
     values = [float(schedule(step)) for step in (0, 9, 10, 25, 39)]
     expected = [
         0.4,
@@ -66,7 +67,7 @@ def test_classifier_init_and_per_epoch_cosine():
         0.2 * (1 + math.cos(math.pi * 3 / 4)),
     ]
     np.testing.assert_allclose(values, expected, rtol=1e-6)
-    assert linear.epoch_learning_rate(0.4, 1, 4) == pytest.approx(expected[2])
+    assert schedules.epoch_cosine(0.4, 1, 4) == pytest.approx(expected[2])
 
 
 def test_train_batches_are_deterministic_augmented_and_normalised(fashion_mnist):
