@@ -29,6 +29,10 @@ class MissingCountsError(ValueError):
     """A record file has no up-to-date count; the message says which command writes it."""
 
 
+class RecordCountError(ValueError):
+    """A file cannot be counted: not a TFRecord file of `tf.train.Example`, or truncated."""
+
+
 @dataclasses.dataclass(frozen=True)
 class FileCount:
     """One record file: its size when counted, its records, readable images and largest label."""
@@ -60,8 +64,13 @@ def count_record_file(path: str, image_key: str, label_key: str) -> FileCount:
                 tf.maximum(totals[2], tf.where(valid > 0, label, -1)))
 
     described = records.map(describe, num_parallel_calls=tf.data.AUTOTUNE)
-    total_records, images, max_label = described.reduce(
-        (tf.constant(0, tf.int64), tf.constant(0, tf.int64), tf.constant(-1, tf.int64)), add)
+    try:
+        total_records, images, max_label = described.reduce(
+            (tf.constant(0, tf.int64), tf.constant(0, tf.int64), tf.constant(-1, tf.int64)), add)
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as error:
+        first_line = str(error.message).splitlines()[0]
+        raise RecordCountError(f"{path} is not a TFRecord file of tf.train.Example or is "
+                               f"truncated ({first_line})") from error
     return FileCount(num_bytes=tf.io.gfile.stat(path).length, records=int(total_records),
                      images=int(images), max_label=int(max_label))
 

@@ -132,24 +132,31 @@ def _resolve(data_path: str, split: str, tfds_data_dir: str | None, flag_name: s
         return _fashion_mnist_source(split, tfds_data_dir, flag_name)
     if data_path.startswith("tfds:"):
         return _tfds_source(data_path, split, tfds_data_dir, flag_name)
-    if _is_file(data_path):
-        return _tfrecord_source([data_path], data_path, flag_name)
-    if not tf.io.gfile.isdir(data_path):
-        if not any(character in data_path for character in GLOB_CHARACTERS):
-            raise DataSourceError(f"{flag_name}: {data_path} does not exist")
-        paths = sorted(path for path in _glob(data_path) if not tf.io.gfile.isdir(path))
-        if not paths:
-            raise DataSourceError(f"{flag_name}: no files match {data_path}")
-        return _tfrecord_source(paths, data_path, flag_name)
-    if _find_idx_file(data_path, "train", "images") or _find_idx_file(data_path, "t10k", "images"):
+    if tf.io.gfile.isdir(data_path) and (_find_idx_file(data_path, "train", "images")
+                                         or _find_idx_file(data_path, "t10k", "images")):
         return _idx_source(data_path, split, flag_name)
-    tfrecords = sorted(path for path in (_join(data_path, name.rstrip("/"))
-                                         for name in tf.io.gfile.listdir(data_path)
-                                         if name.rstrip("/").lower().endswith(TFRECORD_EXTENSIONS))
-                       if not tf.io.gfile.isdir(path))
-    if tfrecords:
-        return _tfrecord_source(tfrecords, data_path, flag_name)
+    paths = tfrecord_paths(data_path, flag_name)
+    if paths:
+        return _tfrecord_source(paths, data_path, flag_name)
     return _image_folder_source(data_path, split, flag_name)
+
+
+def tfrecord_paths(data_path: str, flag_name: str = "--data_path") -> list[str]:
+    """The record files `data_path` names: itself (a file), the files a glob matches, or a
+    folder's ``*.tfrecord``/``*.tfrec`` files (sorted; [] for a folder without any)."""
+    if _is_file(data_path):
+        return [data_path]
+    if tf.io.gfile.isdir(data_path):
+        names = (name.rstrip("/") for name in tf.io.gfile.listdir(data_path))
+        return sorted(path for path in (_join(data_path, name) for name in names
+                                        if name.lower().endswith(TFRECORD_EXTENSIONS))
+                      if not tf.io.gfile.isdir(path))
+    if not any(character in data_path for character in GLOB_CHARACTERS):
+        raise DataSourceError(f"{flag_name}: {data_path} does not exist")
+    paths = sorted(path for path in _glob(data_path) if not tf.io.gfile.isdir(path))
+    if not paths:
+        raise DataSourceError(f"{flag_name}: no files match {data_path}")
+    return paths
 
 
 # --------------------------------------------------------------------------- #
