@@ -15,6 +15,7 @@ import json
 import posixpath
 from collections.abc import Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from dino_keras.data import record_stream
@@ -23,6 +24,7 @@ COUNTS_FILE_NAME = "record_counts.json"
 COUNT_COMMAND = "python scripts/count_records.py --data_path={data_path}"
 _FORMAT = "dino_keras record counts"
 _STAT_THREADS = 16
+_COUNT_BATCH = 1024
 
 
 class MissingCountsError(ValueError):
@@ -50,29 +52,48 @@ def counts_file_of(path: str) -> str:
     return posixpath.join(posixpath.dirname(path), COUNTS_FILE_NAME)
 
 
-def count_record_file(path: str, image_key: str, label_key: str) -> FileCount:
-    """Reads one record file (with TensorFlow's reader) and counts what a run would read."""
-    records = tf.data.TFRecordDataset(path)
-
-    def describe(serialized):
-        encoded, label = record_stream.parse_image_record(serialized, image_key, label_key)
-        return tf.cast(record_stream.has_image_structure(encoded), tf.int64), label
-
-    def add(totals, element):
-        valid, label = element
-        return (totals[0] + 1, totals[1] + valid,
-                tf.maximum(totals[2], tf.where(valid > 0, label, -1)))
-
-    described = records.map(describe, num_parallel_calls=tf.data.AUTOTUNE)
+def count_record_files(paths: Sequence[str], image_key: str,
+                       label_key: str) -> list[FileCount]:
+    """Reads the record files (one `tf.data` pass with TensorFlow's reader) and counts, per file,
+    what a run would read."""
+    records = tf.data.Dataset.from_tensor_slices(
+        (list(paths), tf.range(len(paths), dtype=tf.int64))).flat_map(
+        lambda path, file_id: tf.data.Dataset.zip(
+            tf.data.TFRecordDataset(path), tf.data.Dataset.from_tensors(file_id).repeat()))
+    described = records.batch(_COUNT_BATCH).map(
+        lambda serialized, file_ids: (
+            file_ids, *record_stream.parse_image_records(serialized, image_key, label_key)),
+        num_parallel_calls=tf.data.AUTOTUNE)
+    totals = np.zeros((len(paths), 2), np.int64)  # records, images
+    max_labels = np.full(len(paths), -1, np.int64)
     try:
-        total_records, images, max_label = described.reduce(
-            (tf.constant(0, tf.int64), tf.constant(0, tf.int64), tf.constant(-1, tf.int64)), add)
+        for file_ids, encoded, labels in described.as_numpy_iterator():
+            is_image = record_stream.has_image_structure(encoded).numpy()
+            np.add.at(totals, file_ids, np.stack([np.ones_like(is_image), is_image], axis=1))
+            np.maximum.at(max_labels, file_ids[is_image], labels[is_image])
     except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as error:
-        first_line = str(error.message).splitlines()[0]
-        raise RecordCountError(f"{path} is not a TFRecord file of tf.train.Example or is "
-                               f"truncated ({first_line})") from error
-    return FileCount(num_bytes=tf.io.gfile.stat(path).length, records=int(total_records),
-                     images=int(images), max_label=int(max_label))
+        raise RecordCountError(_unreadable_file_message(paths, image_key, label_key, error)
+                               ) from error
+    return [FileCount(num_bytes=tf.io.gfile.stat(path).length, records=int(records),
+                      images=int(images), max_label=int(max_label))
+            for path, (records, images), max_label in zip(paths, totals, max_labels,
+                                                          strict=True)]
+
+
+def _unreadable_file_message(paths, image_key: str, label_key: str, error) -> str:
+    """Names the first file of `paths` that fails to read (TensorFlow's error does not)."""
+    for path in paths:
+        try:
+            for serialized in tf.data.TFRecordDataset(path).batch(_COUNT_BATCH):
+                record_stream.parse_image_records(serialized, image_key, label_key)
+        except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as file_error:
+            error = file_error
+            break
+    else:
+        path = f"one of {len(paths)} files"
+    first_line = str(error.message).splitlines()[0]
+    return (f"{path} is not a TFRecord file of tf.train.Example or is truncated "
+            f"({first_line})")
 
 
 def write_counts(paths: Sequence[str], image_key: str, label_key: str,
@@ -80,8 +101,7 @@ def write_counts(paths: Sequence[str], image_key: str, label_key: str,
     """Counts `paths` into the count file of each of their directories (merged with entries
     already there); returns the count files written."""
     by_file: dict[str, dict] = {}
-    for path in paths:
-        count = count_record_file(path, image_key, label_key)
+    for path, count in zip(paths, count_record_files(paths, image_key, label_key), strict=True):
         report(path, count)
         by_file.setdefault(counts_file_of(path), {})[posixpath.basename(path)] = count.as_json()
     for counts_path, entries in by_file.items():
