@@ -3,9 +3,10 @@
     python benchmarks/record_startup.py [--records=10000,200000] [--files=32]
         [--data_dir=/tmp/dino_record_bench] [--batches=20] [--batch_size=128]
 
-For each record count, writes (once) that many random 32x32 JPEGs into --files TFRecord files
-under --data_dir and counts them with `record_counts` (what scripts/count_records.py does,
-timed: it is paid once per data set). Then, each in a fresh process, for both readers:
+For each record count, writes (the first time) that many random 32x32 JPEGs into --files
+TFRecord files under --data_dir and counts them with `record_counts` (what
+scripts/count_records.py does, timed: the streamed reader pays it once per data set). Then,
+each in a fresh process, for both readers:
 
 * indexed: the reader training used before streaming, `record_index.RecordIndex` (every record
   read and parsed at start-up, then each record read by offset in Python), in the multi-crop
@@ -69,17 +70,17 @@ def write_records(folder: str, count: int, num_files: int) -> None:
                     features=tf.train.Features(feature=feature)).SerializeToString())
 
 
-def prepare(count: int) -> tuple[str, float | None]:
-    """The folder of `count` counted records; the seconds counting took (None: done before)."""
+def prepare(count: int) -> tuple[str, float]:
+    """The folder of `count` records (written the first time), counted; the counting seconds."""
     from dino_keras.data import record_counts
     from dino_keras.data.sources import TFRECORD_IMAGE_KEY, TFRECORD_LABEL_KEY, tfrecord_paths
 
     folder = os.path.join(FLAGS.data_dir, f"{count}_in_{FLAGS.files}")
-    done = os.path.join(folder, record_counts.COUNTS_FILE_NAME)
-    if os.path.exists(done):
-        return folder, None
-    print(f"Writing {count} {IMAGE_SIZE}x{IMAGE_SIZE} JPEG records to {folder}", flush=True)
-    write_records(folder, count, FLAGS.files)
+    written = os.path.join(folder, "written")
+    if not os.path.exists(written):
+        print(f"Writing {count} {IMAGE_SIZE}x{IMAGE_SIZE} JPEG records to {folder}", flush=True)
+        write_records(folder, count, FLAGS.files)
+        open(written, "w").close()
     start = time.perf_counter()
     record_counts.write_counts(tfrecord_paths(folder), TFRECORD_IMAGE_KEY, TFRECORD_LABEL_KEY)
     return folder, time.perf_counter() - start
@@ -145,12 +146,14 @@ def main(argv):
                        f"--batch_size={FLAGS.batch_size}"]
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             row = json.loads(output.strip().splitlines()[-1])
-            row["count_once_seconds"] = None if count_seconds is None else round(count_seconds, 2)
+            row["count_once_seconds"] = round(count_seconds, 2)
             print(json.dumps(row), flush=True)
             rows.append(row)
-    print("\n| records | reader | open (s) | first batch (s) | images/s |\n|---|---|---|---|---|")
+    print("\n| records | reader | count once (s) | open (s) | first batch (s) | images/s |\n"
+          "|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['images']} | {row['reader']} | {row['open_seconds']} | "
+        count_once = row["count_once_seconds"] if row["reader"] == "streamed" else "-"
+        print(f"| {row['images']} | {row['reader']} | {count_once} | {row['open_seconds']} | "
               f"{row['first_batch_seconds']} | {row['images_per_second']} |")
 
 
