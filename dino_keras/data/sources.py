@@ -46,7 +46,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from dino_keras.data import record_counts
-from dino_keras.data.record_index import LazyRecordIndex, bytes_look_like_image
+from dino_keras.data.record_index import LazyRecordIndex, RecordIndexError, bytes_look_like_image
 from dino_keras.data.record_stream import END_MARKER_SEARCH_BYTES, RecordFiles, images_in_order
 
 log = logging.getLogger(__name__)
@@ -289,7 +289,10 @@ def _record_source(name: str, files: RecordFiles, *, num_classes: int | None,
     lazy_index = LazyRecordIndex(files)
 
     def read_example(example_index):
-        encoded, label = lazy_index.read_example(example_index)
+        try:
+            encoded, label = lazy_index.read_example(example_index)
+        except RecordIndexError as error:
+            raise DataSourceError(f"{flag_name}: {error}") from error
         return decode_image(encoded), label
 
     return ImageSource(name=name, num_examples=files.num_images, num_classes=num_classes,

@@ -279,6 +279,10 @@ def test_resolving_record_files_reads_no_record(tfrecord_folder):
     path.write_bytes(bytes(path.stat().st_size))  # same size, no record left
     source = resolve_source(str(folder))
     assert (source.num_examples, source.num_classes) == (5, 4)  # from the count file alone
+    # Only reading by index reads every record, and finds the damage.
+    with pytest.raises(DataSourceError, match=r"--data_path: record 0 of .*part-0\.tfrecord has "
+                                              r"no 'image/encoded' feature"):
+        source.read_example(tf.constant(0, tf.int64))
 
 
 # --------------------------------------------------------------------------- #
