@@ -29,14 +29,13 @@ query to the patches, per head).
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import re
-import shutil
 
 import keras
 import tensorflow as tf
 
+from dino_keras import run_dir
 from dino_keras.data import augment
 from dino_keras.data.multicrop import _eval_transform
 
@@ -294,21 +293,20 @@ def export_backbone(
         raise ExportError(
             f"--image_size={image_size} is not a multiple of the patch size {patch_size}"
         )
-    target = os.path.join(export_dir, str(version))
-    if os.path.exists(target) and not overwrite:
+    target = run_dir.join(export_dir, str(version))
+    if run_dir.exists(target) and not overwrite:
         raise ExportError(
             f"{target} already exists; choose another --version (TF Serving "
             "serves the highest), remove it or pass --overwrite_version. Nothing "
             "was written."
         )
-    os.makedirs(export_dir, exist_ok=True)
-    staging = os.path.join(export_dir, f".tmp-{version}-{os.getpid()}")
-    replaced = os.path.join(export_dir, f".old-{version}-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
+    run_dir.makedirs(export_dir)
+    staging = run_dir.join(export_dir, f".tmp-{version}-{os.getpid()}")
+    replaced = run_dir.join(export_dir, f".old-{version}-{os.getpid()}")
+    _remove_tree(staging)
     try:
         module = ServingModule(backbone, image_size=image_size, patch_size=patch_size)
         tf.saved_model.save(module, staging, signatures=module.signatures())
-        os.makedirs(os.path.join(staging, METADATA_DIR), exist_ok=True)
         metadata = export_metadata(
             backbone,
             image_size=image_size,
@@ -317,16 +315,16 @@ def export_backbone(
             source_checkpoint=source_checkpoint,
             command=command,
         )
-        with open(os.path.join(staging, METADATA_DIR, METADATA_FILE), "w", encoding="utf-8") as f:
-            json.dump(metadata, f, indent=2)
-        if os.path.exists(target):
+        run_dir.makedirs(run_dir.join(staging, METADATA_DIR))
+        run_dir.write_json(run_dir.join(staging, METADATA_DIR, METADATA_FILE), metadata)
+        if run_dir.exists(target):
             if not overwrite:
                 raise ExportError(f"{target} appeared while exporting; not overwritten")
-            os.rename(target, replaced)
-        os.rename(staging, target)
+            tf.io.gfile.rename(target, replaced)
+        tf.io.gfile.rename(staging, target)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(replaced, ignore_errors=True)
+        _remove_tree(staging)
+        _remove_tree(replaced)
     return target
 
 
@@ -351,7 +349,7 @@ def export_run(
         image_size=image_size or loaded.config.global_crops_size,
         config=loaded.config,
         which=which,
-        source_checkpoint=os.path.abspath(loaded.checkpoint_path),
+        source_checkpoint=run_dir.absolute(loaded.checkpoint_path),
         command=command,
         overwrite=overwrite,
     )
@@ -360,30 +358,38 @@ def export_run(
 def resolve_saved_model_dir(path: str) -> str:
     """The SavedModel directory for `path`: a version directory, or an export base directory
     (its highest numeric version, as TF Serving picks it)."""
-    if not os.path.isdir(path):
+    if not run_dir.is_dir(path):
         raise ExportError(f"SavedModel directory {path} does not exist")
-    if os.path.isfile(os.path.join(path, "saved_model.pb")):
+    if run_dir.is_file(run_dir.join(path, "saved_model.pb")):
         return path
     versions = [
-        name
-        for name in os.listdir(path)
-        if re.fullmatch(r"\d+", name) and os.path.isfile(os.path.join(path, name, "saved_model.pb"))
+        name.rstrip("/")
+        for name in tf.io.gfile.listdir(path)
+        if re.fullmatch(r"\d+/?", name)
+        and run_dir.is_file(run_dir.join(path, name.rstrip("/"), "saved_model.pb"))
     ]
     if not versions:
         raise ExportError(
             f"{path} holds no saved_model.pb, neither directly nor in a numeric "
             "version subdirectory (<export_dir>/<version>/saved_model.pb)"
         )
-    return os.path.join(path, max(versions, key=int))
+    return run_dir.join(path, max(versions, key=int))
+
+
+def _remove_tree(path: str) -> None:
+    # ram:// answers `exists` by prefix, so a missing directory can still raise here.
+    try:
+        tf.io.gfile.rmtree(path)
+    except tf.errors.NotFoundError:
+        pass
 
 
 def read_metadata(saved_model_dir: str) -> dict:
     """The `dino_export.json` of an export ({} if it has none)."""
-    path = os.path.join(saved_model_dir, METADATA_DIR, METADATA_FILE)
-    if not os.path.isfile(path):
+    path = run_dir.join(saved_model_dir, METADATA_DIR, METADATA_FILE)
+    if not run_dir.is_file(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return run_dir.read_json(path)
 
 
 def load_export(path: str):

@@ -1,11 +1,15 @@
 """The multi-crop training pipeline and the evaluation pipeline, as `tf.data` datasets.
 
-Training stream, per epoch e: a full permutation of the source's indices seeded by (seed, e);
-worker `shard_index` of `num_shards` takes every `num_shards`-th position of it; only then are
-images read and decoded, each once, and every crop of an image is cut from that decoded image.
-Randomness is stateless: crop boxes and augmentation choices are derived from (seed, e,
-position in the epoch's permutation), so a given (seed, epoch, step) always yields the same
-batch, whatever the parallelism and also after a resume.
+Training stream, per epoch e, for sources read by index: a full permutation of the source's
+indices seeded by (seed, e); worker `shard_index` of `num_shards` takes every `num_shards`-th
+position of it; only then are images read and decoded, each once, and every crop of an image
+is cut from that decoded image. Streamed record sources (`source.records`) instead give each
+worker its files of a file order seeded by (seed, e), through a shuffle buffer seeded by
+(seed, e) (`record_stream`); records are read and parsed before the position is known, images
+decoded after. Randomness is stateless: crop boxes and augmentation choices are derived from
+(seed, e, position in the epoch), so a given (seed, epoch, step) always yields the same batch,
+whatever the parallelism and also after a resume (a resumed stream re-reads the records of the
+epoch's batches already trained, without decoding them).
 
 Two ways to cut the crops, chosen by the source:
 * same-size images held in memory (e.g. Fashion-MNIST): a batch is read at once and all its
@@ -19,11 +23,12 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from dino_keras.data import augment
+from dino_keras.data import augment, record_stream, sources
 from dino_keras.data.sources import ImageSource
 
 # Independent random streams derived from (seed, epoch).
 _PERMUTATION_STREAM, _CROP_BOX_STREAM, _AUGMENT_STREAM = 0, 1, 2
+_FILE_ORDER_STREAM, _SHUFFLE_BUFFER_STREAM = 3, 4
 _EVAL_RESIZE_RATIO = 256 / 224
 
 
@@ -56,12 +61,8 @@ def training_index_stream(num_examples: int, *, batch_size: int, seed: int, star
     `steps_per_epoch(num_examples // num_shards, batch_size)` batches. The stream starts at
     `start_epoch` after its first `skip_steps` batches.
     """
-    if not 0 <= shard_index < num_shards:
-        raise ValueError(f"shard_index {shard_index} is not in [0, num_shards={num_shards})")
-    steps = steps_per_epoch(num_examples // num_shards, batch_size)
-    if not 0 <= skip_steps < steps:
-        raise ValueError(f"skip_steps {skip_steps} is not in [0, steps per epoch={steps})")
-    examples_per_epoch = steps * batch_size
+    examples_per_epoch = _check_position(num_examples, batch_size, skip_steps, num_shards,
+                                         shard_index)
 
     def epoch_indices(epoch):
         permutation = tf.random.experimental.stateless_shuffle(
@@ -74,6 +75,44 @@ def training_index_stream(num_examples: int, *, batch_size: int, seed: int, star
     return tf.data.Dataset.range(start_epoch, tf.int64.max).flat_map(epoch_indices)
 
 
+def _check_position(num_examples, batch_size, skip_steps, num_shards, shard_index) -> int:
+    """Examples per epoch of one worker, after checking the stream's start and shard."""
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard_index {shard_index} is not in [0, num_shards={num_shards})")
+    steps = steps_per_epoch(num_examples // num_shards, batch_size)
+    if not 0 <= skip_steps < steps:
+        raise ValueError(f"skip_steps {skip_steps} is not in [0, steps per epoch={steps})")
+    return steps * batch_size
+
+
+def training_record_stream(source: ImageSource, *, batch_size: int, seed: int,
+                           start_epoch: int = 0, skip_steps: int = 0, num_shards: int = 1,
+                           shard_index: int = 0,
+                           shuffle_buffer: int = record_stream.SHUFFLE_BUFFER) -> tf.data.Dataset:
+    """Endless (epoch, position, encoded image) triples that one worker streams from
+    `source.records`.
+
+    Epoch e is `record_stream.epoch_images` seeded by (seed, e), cut (or, when this worker's
+    files hold fewer images, repeated) to exactly `steps_per_epoch(num_examples // num_shards,
+    batch_size)` batches; positions are numbered as `training_index_stream`'s. The stream starts
+    at `start_epoch` after its first `skip_steps` batches.
+    """
+    examples_per_epoch = _check_position(source.num_examples, batch_size, skip_steps, num_shards,
+                                         shard_index)
+
+    def epoch_examples(epoch):
+        images = record_stream.epoch_images(
+            source.records, file_order_seed=_seed_of(seed, epoch, _FILE_ORDER_STREAM),
+            shuffle_seed=_seed_of(seed, epoch, _SHUFFLE_BUFFER_STREAM), num_shards=num_shards,
+            shard_index=shard_index, shuffle_buffer=shuffle_buffer)
+        numbered = images.repeat().take(examples_per_epoch).enumerate().map(
+            lambda number, image: (epoch, shard_index + number * num_shards, image[0]))
+        return numbered.skip(tf.where(epoch == start_epoch,
+                                      tf.constant(skip_steps * batch_size, tf.int64), 0))
+
+    return tf.data.Dataset.range(start_epoch, tf.int64.max).flat_map(epoch_examples)
+
+
 def build_multicrop_dataset(source: ImageSource, *, global_crops_size: int, local_crops_size: int,
                             global_crops_scale: tuple[float, float],
                             local_crops_scale: tuple[float, float], local_crops_number: int,
@@ -81,7 +120,8 @@ def build_multicrop_dataset(source: ImageSource, *, global_crops_size: int, loca
                             blur_sigma: tuple[float, float] = augment.BLUR_SIGMA_RANGE,
                             start_epoch: int = 0, skip_steps: int = 0,
                             num_shards: int = 1, shard_index: int = 0, batch_shards: int = 1,
-                            batch_shard_index: int = 0) -> tf.data.Dataset:
+                            batch_shard_index: int = 0,
+                            shuffle_buffer: int = record_stream.SHUFFLE_BUFFER) -> tf.data.Dataset:
     """Endless batches (global_1, global_2, local_1, ..., local_N) of normalised float32 crops.
 
     Globals are [batch_size, G, G, 3], locals [batch_size, L, L, 3]. The stream starts at
@@ -93,16 +133,23 @@ def build_multicrop_dataset(source: ImageSource, *, global_crops_size: int, loca
     `batch_shards` > 1 keeps only batches batch_shard_index, batch_shard_index + batch_shards,
     ... of that stream, chosen before any image is read: loader processes that each make one
     such share give, read in turn, the same batches as one process making them all (unless an
-    image fails to decode: the batches of that share then shift by one image).
+    image fails to decode: the batches of that share then shift by one image). For a streamed
+    source each share reads (not decodes) every record. `shuffle_buffer`: records in the
+    shuffle buffer of a streamed source (`record_stream`).
     """
     if local_crops_number < 0:
         raise ValueError(f"--local_crops_number must be >= 0, got {local_crops_number}")
     if not 0 <= batch_shard_index < batch_shards:
         raise ValueError(
             f"batch_shard_index {batch_shard_index} is not in [0, batch_shards={batch_shards})")
-    indices = training_index_stream(source.num_examples, batch_size=batch_size, seed=seed,
-                                    start_epoch=start_epoch, skip_steps=skip_steps,
-                                    num_shards=num_shards, shard_index=shard_index)
+    stream_position = dict(batch_size=batch_size, seed=seed, start_epoch=start_epoch,
+                           skip_steps=skip_steps, num_shards=num_shards,
+                           shard_index=shard_index)
+    if source.records is not None:
+        # (epoch, position, encoded image) instead of (epoch, position, example index).
+        indices = training_record_stream(source, shuffle_buffer=shuffle_buffer, **stream_position)
+    else:
+        indices = training_index_stream(source.num_examples, **stream_position)
     batched_indices = indices.batch(batch_size, drop_remainder=True)
     if batch_shards > 1:
         batched_indices = batched_indices.shard(batch_shards, batch_shard_index)
@@ -138,8 +185,11 @@ def build_multicrop_dataset(source: ImageSource, *, global_crops_size: int, loca
             crops_per_kind.append(tf.reshape(resized, [count * batch_size, size, size, 3]))
         return augment_batch(epoch, positions, crops_per_kind)
 
-    def crop_one_image(epoch, position, example_index):
-        image = source.read_example(example_index)[0]
+    def crop_one_image(epoch, position, example):
+        if source.records is not None:
+            image = sources.decode_image(example)
+        else:
+            image = source.read_example(example)[0]
         kind_seeds = tf.unstack(tf.random.experimental.stateless_split(
             _seed_of(seed, epoch, _CROP_BOX_STREAM, position), len(crop_kinds)))
         crops_per_kind = []

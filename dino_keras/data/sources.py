@@ -1,41 +1,53 @@
 """Image sources: one `--data_path` value chooses where the training or evaluation images come from.
 
-Every source is a fixed-order list of `num_examples` examples that can be read by index inside a
-`tf.data` graph (`ImageSource.read_example`), so the multi-crop pipeline shuffles and shards
-indices and decodes each image once, after sharding. Supported forms of `data_path`:
+A source holds `num_examples` examples in a fixed order. Supported forms of `data_path` (any
+path may be a `tf.io.gfile` URL such as ``gs://`` or ``ram://``):
 
 * ``"fashion_mnist"``: the idx files of Debian's `dataset-fashion-mnist` package
   (`FASHION_MNIST_DIR`), else `tfds.load("fashion_mnist")`;
 * a folder of MNIST-style idx files (``train-images-idx3-ubyte[.gz]``, ``t10k-...``);
-* ``"tfds:NAME[:SPLIT]"``: a TFDS dataset already prepared in `tfds_data_dir` (never downloaded);
+* ``"tfds:NAME[:SPLIT]"``: a TFDS dataset already prepared in `tfds_data_dir` (never
+  downloaded), stored as TFRecord or array_record;
 * TFRecord files (a file, a glob or a folder of ``*.tfrecord``/``*.tfrec``) of `tf.train.Example`
-  with ``image/encoded`` (JPEG/PNG bytes) and optional ``image/class/label``;
+  with ``image/encoded`` (JPEG/PNG bytes) and optional ``image/class/label``; their image counts
+  come from the count files `scripts/count_records.py` writes once (`record_counts`);
 * an image folder (``.jpg``/``.jpeg``/``.png``, recursive; ImageFolder-style labels from the
   first-level subfolders, optional ``train/`` + ``val/`` or ``test/`` split subfolders).
 
-Corrupt images are handled in two layers. When a source is resolved, every image is checked for
-a JPEG/PNG signature and end marker (a cheap read of the file's first and last bytes, or of the
-record already in memory for TFRecords); failures are dropped from the index and counted in one
-warning, so `num_examples` and the steps of an epoch stay exact. That catches non-images, empty
-and truncated files. Rarer damage inside a file (e.g. a PNG with a bad chunk) only shows when the
-image is decoded; `ImageSource.dataset` and the multi-crop pipeline then skip the element with
-`tf.data`'s `ignore_errors` instead of stopping training.
+How the multi-crop pipeline reads them: sources with `records` (TFRecord files, TFDS TFRecord
+splits) are streamed by `tf.data.TFRecordDataset` in a seeded file order through a shuffle
+buffer (`record_stream`); nothing reads their records at start-up. Every other source is read
+by index (`ImageSource.read_example`) in a full permutation per epoch. Record sources keep a
+`read_example` too, for code that reads by index in an order of its own (the linear probe); it
+indexes the files on first use (`record_index`), which reads all of them once.
+
+Corrupt images are handled in two layers. A cheap check of each image's JPEG/PNG signature and
+end marker (a file's first and last bytes; the bytes of a record, when it is counted and again
+when it is streamed) drops non-images, empty and truncated files, so `num_examples` and the
+steps of an epoch stay exact; dropped files are counted in one warning. Rarer damage inside a
+file (e.g. a PNG with a bad chunk) only shows when the image is decoded; `ImageSource.dataset`
+and the multi-crop pipeline then skip the element with `tf.data`'s `ignore_errors` instead of
+stopping training.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import glob
 import gzip
 import logging
 import os
+import posixpath
 import struct
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+
+from dino_keras.data import record_counts
+from dino_keras.data.record_index import LazyRecordIndex, RecordIndexError, bytes_look_like_image
+from dino_keras.data.record_stream import END_MARKER_SEARCH_BYTES, RecordFiles, images_in_order
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +63,6 @@ _IDX_PREFIXES = {"train": "train", "test": "t10k", "val": "t10k"}
 _IDX_IMAGES_MAGIC = 2051
 _IDX_LABELS_MAGIC = 2049
 _FOLDER_SPLITS = {"train": ("train",), "test": ("test", "val"), "val": ("val", "test")}
-_JPEG_START = b"\xff\xd8\xff"
-_JPEG_END = b"\xff\xd9"
-_PNG_START = b"\x89PNG\r\n\x1a\n"
-_PNG_END = b"IEND"
-# JPEG writers may pad after the end-of-image marker; look for it in this many trailing bytes.
-_END_MARKER_SEARCH_BYTES = 64
 _HEADER_CHECK_THREADS = 16
 
 ReadExample = Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
@@ -73,7 +79,8 @@ class ImageSource:
     `read_example` maps an int64 index in [0, num_examples) to (uint8 [H, W, 3], int64 label)
     inside a `tf.data` graph. `image_shape` is (H, W) when every image has that size (in-memory
     sources); `read_example` then also takes a vector of indices and returns a batch, which lets
-    the pipelines read and crop whole batches at once.
+    the pipelines read and crop whole batches at once. `records` is set for sources that the
+    training pipeline streams instead of reading by index (see the module docstring).
     """
 
     name: str
@@ -84,9 +91,14 @@ class ImageSource:
     # The `resolve_source` arguments that made it, so that another process (a loader process,
     # see `loader_processes`) can open the same source; None for sources made otherwise.
     origin: dict | None = dataclasses.field(default=None, repr=False, compare=False)
+    records: RecordFiles | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def dataset(self) -> tf.data.Dataset:
         """(image uint8 [H, W, 3], label int64) for every example, in the fixed order."""
+        if self.records is not None:  # read in file order, no index needed
+            return images_in_order(self.records).take(self.num_examples).map(
+                lambda encoded, label: (decode_image(encoded), label),
+                num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True)
         indices = tf.data.Dataset.range(self.num_examples)
         if self.image_shape is not None:
             return indices.batch(1024).map(self.read_example).unbatch()
@@ -108,7 +120,8 @@ def resolve_source(data_path: str, split: str = "train", *, tfds_data_dir: str |
     source = _resolve(data_path, split, tfds_data_dir, flag_name)
     if limit_images is not None and limit_images < source.num_examples:
         # The name stays: it says which data set and split this is, whatever the count.
-        source = dataclasses.replace(source, num_examples=limit_images)
+        records = source.records and dataclasses.replace(source.records, limit=limit_images)
+        source = dataclasses.replace(source, num_examples=limit_images, records=records)
     origin = dict(data_path=data_path, split=split, tfds_data_dir=tfds_data_dir,
                   limit_images=limit_images, flag_name=flag_name)
     return dataclasses.replace(source, origin=origin)
@@ -119,22 +132,61 @@ def _resolve(data_path: str, split: str, tfds_data_dir: str | None, flag_name: s
         return _fashion_mnist_source(split, tfds_data_dir, flag_name)
     if data_path.startswith("tfds:"):
         return _tfds_source(data_path, split, tfds_data_dir, flag_name)
-    if os.path.isfile(data_path):
-        return _tfrecord_source([data_path], data_path, flag_name)
-    if not os.path.isdir(data_path):
-        if not any(character in data_path for character in GLOB_CHARACTERS):
-            raise DataSourceError(f"{flag_name}: {data_path} does not exist")
-        paths = sorted(path for path in glob.glob(data_path) if os.path.isfile(path))
-        if not paths:
-            raise DataSourceError(f"{flag_name}: no files match {data_path}")
-        return _tfrecord_source(paths, data_path, flag_name)
-    if _find_idx_file(data_path, "train", "images") or _find_idx_file(data_path, "t10k", "images"):
+    if tf.io.gfile.isdir(data_path) and (_find_idx_file(data_path, "train", "images")
+                                         or _find_idx_file(data_path, "t10k", "images")):
         return _idx_source(data_path, split, flag_name)
-    tfrecords = sorted(entry.path for entry in os.scandir(data_path)
-                       if entry.is_file() and entry.name.lower().endswith(TFRECORD_EXTENSIONS))
-    if tfrecords:
-        return _tfrecord_source(tfrecords, data_path, flag_name)
+    paths = tfrecord_paths(data_path, flag_name)
+    if paths:
+        return _tfrecord_source(paths, data_path, flag_name)
     return _image_folder_source(data_path, split, flag_name)
+
+
+def tfrecord_paths(data_path: str, flag_name: str = "--data_path") -> list[str]:
+    """The record files `data_path` names: itself (a file), the files a glob matches, or a
+    folder's ``*.tfrecord``/``*.tfrec`` files (sorted; [] for a folder without any)."""
+    if _is_file(data_path):
+        return [data_path]
+    if tf.io.gfile.isdir(data_path):
+        names = (name.rstrip("/") for name in tf.io.gfile.listdir(data_path))
+        return sorted(path for path in (_join(data_path, name) for name in names
+                                        if name.lower().endswith(TFRECORD_EXTENSIONS))
+                      if not tf.io.gfile.isdir(path))
+    if not any(character in data_path for character in GLOB_CHARACTERS):
+        raise DataSourceError(f"{flag_name}: {data_path} does not exist")
+    paths = sorted(path for path in _glob(data_path) if not tf.io.gfile.isdir(path))
+    if not paths:
+        raise DataSourceError(f"{flag_name}: no files match {data_path}")
+    return paths
+
+
+# --------------------------------------------------------------------------- #
+# Files, through tf.io.gfile (local paths and gs://, ram://, ... alike)
+# --------------------------------------------------------------------------- #
+
+def _join(folder: str, name: str) -> str:
+    return os.path.join(folder, name) if "://" not in folder else posixpath.join(folder, name)
+
+
+def _is_file(path: str) -> bool:
+    return tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path)
+
+
+def _glob(pattern: str) -> list[str]:
+    try:
+        return tf.io.gfile.glob(pattern)
+    except tf.errors.NotFoundError:  # some file systems raise for a pattern with no parent
+        return []
+
+
+def _subfolders(folder: str) -> list[str]:
+    # Object stores list folders with a trailing slash.
+    names = (name.rstrip("/") for name in tf.io.gfile.listdir(folder))
+    return sorted(name for name in names if tf.io.gfile.isdir(_join(folder, name)))
+
+
+def _read_bytes(path: str) -> bytes:
+    with tf.io.gfile.GFile(path, "rb") as file:
+        return file.read()
 
 
 # --------------------------------------------------------------------------- #
@@ -163,18 +215,18 @@ def _find_idx_file(folder: str, prefix: str, kind: str) -> str | None:
     rank = 3 if kind == "images" else 1
     for name in (f"{prefix}-{kind}-idx{rank}-ubyte", f"{prefix}-{kind}-idx{rank}-ubyte.gz",
                  f"{prefix}-{kind}.idx{rank}-ubyte", f"{prefix}-{kind}.idx{rank}-ubyte.gz"):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
+        path = _join(folder, name)
+        if _is_file(path):
             return path
     return None
 
 
 def _read_idx(path: str, magic: int, flag_name: str) -> np.ndarray:
-    opener = gzip.open if path.endswith(".gz") else open
     try:
-        with opener(path, "rb") as file:
-            data = file.read()
-    except (OSError, EOFError) as error:
+        data = _read_bytes(path)
+        if path.endswith(".gz"):
+            data = gzip.decompress(data)
+    except (OSError, EOFError, tf.errors.OpError) as error:
         raise DataSourceError(f"{flag_name}: cannot read idx file {path}: {error}") from error
     rank = magic & 0xFF
     header_size = 4 * (1 + rank)
@@ -208,7 +260,7 @@ def _idx_source(folder: str, split: str, flag_name: str) -> ImageSource:
 
 
 def _fashion_mnist_source(split: str, tfds_data_dir: str | None, flag_name: str) -> ImageSource:
-    if os.path.isdir(FASHION_MNIST_DIR):
+    if tf.io.gfile.isdir(FASHION_MNIST_DIR):
         source = _idx_source(FASHION_MNIST_DIR, split, flag_name)
         return dataclasses.replace(source, name=f"fashion_mnist {source.name}")
     tfds_split = "train" if split == "train" else "test"
@@ -229,105 +281,42 @@ def _fashion_mnist_source(split: str, tfds_data_dir: str | None, flag_name: str)
 # Record sources (TFRecord files, prepared TFDS datasets)
 # --------------------------------------------------------------------------- #
 
-@dataclasses.dataclass
-class _RecordIndex:
-    """Where each valid record lies: file, byte offset and length of its payload, label."""
-
-    file_ids: list[int] = dataclasses.field(default_factory=list)
-    offsets: list[int] = dataclasses.field(default_factory=list)
-    lengths: list[int] = dataclasses.field(default_factory=list)
-    labels: list[int] = dataclasses.field(default_factory=list)
-    num_corrupt: int = 0
-
-
-def _index_tfrecord_file(path: str, file_id: int, index: _RecordIndex, *, image_key: str,
-                         label_key: str, skip: int = 0, take: int | None = None,
-                         flag_name: str) -> None:
-    """Appends the records of one TFRecord file (framing: u64 length, u32 crc, data, u32 crc).
-
-    Every record is read and parsed once here, to count it, find its label and check its image
-    bytes; training then reads records by offset, so epochs can be fully shuffled.
-    """
-    with open(path, "rb") as file:
-        file_size = os.fstat(file.fileno()).st_size
-        position = 0
-        record_number = 0
-        while position < file_size and (take is None or record_number < skip + take):
-            header = file.read(12)
-            length = struct.unpack("<Q", header[:8])[0] if len(header) == 12 else file_size
-            if position + 16 + length > file_size:
-                raise DataSourceError(f"{flag_name}: {path} is not a TFRecord file or is truncated "
-                                      f"(record {record_number} at byte {position})")
-            payload = file.read(length)
-            file.seek(4, os.SEEK_CUR)
-            if record_number >= skip:
-                try:
-                    example = tf.train.Example.FromString(payload)
-                except Exception as error:  # protobuf's DecodeError class is not public
-                    raise DataSourceError(f"{flag_name}: record {record_number} of {path} is not "
-                                          f"a tf.train.Example ({error})") from error
-                features = example.features.feature
-                if image_key not in features:
-                    raise DataSourceError(f"{flag_name}: record {record_number} of {path} has no "
-                                          f"{image_key!r} feature (has {sorted(features)})")
-                encoded = features[image_key].bytes_list.value
-                if encoded and _has_image_structure(encoded[0][:16], encoded[0][-64:]):
-                    labels = features[label_key].int64_list.value if label_key in features else []
-                    index.file_ids.append(file_id)
-                    index.offsets.append(position + 12)
-                    index.lengths.append(length)
-                    index.labels.append(labels[0] if labels else -1)
-                else:
-                    index.num_corrupt += 1
-            position += 16 + length
-            record_number += 1
-
-
-def _record_source(name: str, paths: Sequence[str], index: _RecordIndex, *, image_key: str,
-                   num_classes: int | None, flag_name: str) -> ImageSource:
-    if index.num_corrupt:
-        log.warning("Skipped %d records with unreadable or corrupt images in %s",
-                    index.num_corrupt, name)
-    if not index.offsets:
-        raise DataSourceError(f"{flag_name}: {name} holds zero readable image records")
-    paths = list(paths)
-    file_ids = tf.constant(index.file_ids, tf.int32)
-    offsets = tf.constant(index.offsets, tf.int64)
-    lengths = tf.constant(index.lengths, tf.int64)
-    labels = tf.constant(index.labels, tf.int64)
-
-    # tf.data has no op that reads a byte range of a file (FixedLengthRecordDataset reads up to
-    # the offset), so the record is read in Python; the file read releases the GIL.
-    def read_record(file_id, offset, length):
-        with open(paths[file_id], "rb") as file:
-            file.seek(offset)
-            return np.array(file.read(length), dtype=object)
+def _record_source(name: str, files: RecordFiles, *, num_classes: int | None,
+                   flag_name: str) -> ImageSource:
+    if files.num_images == 0:
+        raise DataSourceError(f"{flag_name}: {name} holds zero readable image records (a "
+                              f"record needs a {files.image_key!r} feature of JPEG/PNG bytes)")
+    lazy_index = LazyRecordIndex(files)
 
     def read_example(example_index):
-        serialized = tf.numpy_function(
-            read_record, [tf.gather(file_ids, example_index), tf.gather(offsets, example_index),
-                          tf.gather(lengths, example_index)], tf.string, stateful=False)
-        serialized = tf.ensure_shape(serialized, [])
-        encoded = tf.io.parse_single_example(
-            serialized, {image_key: tf.io.FixedLenFeature([], tf.string)})[image_key]
-        return decode_image(encoded), tf.gather(labels, example_index)
-
-    return ImageSource(name=name, num_examples=len(index.offsets), num_classes=num_classes,
-                       read_example=read_example)
-
-
-def _tfrecord_source(paths: Sequence[str], description: str, flag_name: str) -> ImageSource:
-    index = _RecordIndex()
-    for file_id, path in enumerate(paths):
         try:
-            _index_tfrecord_file(path, file_id, index, image_key=TFRECORD_IMAGE_KEY,
-                                 label_key=TFRECORD_LABEL_KEY, flag_name=flag_name)
-        except OSError as error:
-            raise DataSourceError(f"{flag_name}: cannot read {path}: {error}") from error
-    labelled = [label for label in index.labels if label >= 0]
-    return _record_source(f"TFRecord files {description}", paths, index,
-                          image_key=TFRECORD_IMAGE_KEY,
-                          num_classes=max(labelled) + 1 if labelled else None, flag_name=flag_name)
+            encoded, label = lazy_index.read_example(example_index)
+        except RecordIndexError as error:
+            raise DataSourceError(f"{flag_name}: {error}") from error
+        return decode_image(encoded), label
+
+    return ImageSource(name=name, num_examples=files.num_images, num_classes=num_classes,
+                       read_example=read_example, records=files)
+
+
+def _tfrecord_source(paths: Sequence[str], data_path: str, flag_name: str) -> ImageSource:
+    try:
+        counts = record_counts.read_counts(paths, data_path=data_path, flag_name=flag_name)
+    except record_counts.MissingCountsError as error:
+        raise DataSourceError(str(error)) from error
+    except (OSError, tf.errors.OpError, ValueError) as error:
+        raise DataSourceError(f"{flag_name}: cannot read the record counts of {data_path}: "
+                              f"{error}") from error
+    num_corrupt = sum(count.records - count.images for count in counts)
+    name = f"TFRecord files {data_path}"
+    if num_corrupt:
+        log.warning("Skipped %d records with unreadable or corrupt images in %s", num_corrupt,
+                    name)
+    max_label = max(count.max_label for count in counts)
+    files = RecordFiles(paths=tuple(paths), images_per_file=tuple(c.images for c in counts),
+                        image_key=TFRECORD_IMAGE_KEY, label_key=TFRECORD_LABEL_KEY)
+    return _record_source(name, files, num_classes=max_label + 1 if max_label >= 0 else None,
+                          flag_name=flag_name)
 
 
 def _tfds_source(data_path: str, split: str, tfds_data_dir: str | None,
@@ -349,12 +338,15 @@ def _tfds_source(data_path: str, split: str, tfds_data_dir: str | None,
 
 
 def _tfds_builder_source(builder, split: str, flag_name: str) -> ImageSource:
+    """A prepared TFDS split: TFRecord shards streamed, array_record read by index through
+    TFDS's data-source API. The count comes from the dataset's metadata."""
     dataset_name = builder.info.name
     if split not in builder.info.splits and split == "val" and "validation" in builder.info.splits:
         split = "validation"
-    if builder.info.file_format != tfds.core.FileFormat.TFRECORD:
+    file_format = builder.info.file_format
+    if file_format not in (tfds.core.FileFormat.TFRECORD, tfds.core.FileFormat.ARRAY_RECORD):
         raise DataSourceError(f"{flag_name}: TFDS dataset {dataset_name} is stored as "
-                              f"{builder.info.file_format}; only TFRecord is supported")
+                              f"{file_format}; only TFRecord and array_record are supported")
     image_keys = [key for key, feature in builder.info.features.items()
                   if isinstance(feature, tfds.features.Image)]
     label_keys = [key for key, feature in builder.info.features.items()
@@ -366,53 +358,79 @@ def _tfds_builder_source(builder, split: str, flag_name: str) -> ImageSource:
     except (KeyError, ValueError, TypeError) as error:
         raise DataSourceError(f"{flag_name}: TFDS dataset {dataset_name} has no split {split!r} "
                               f"(splits: {sorted(builder.info.splits)})") from error
-    index = _RecordIndex()
-    paths = [os.fspath(instruction.filename) for instruction in instructions]
-    for file_id, (path, instruction) in enumerate(zip(paths, instructions, strict=True)):
-        _index_tfrecord_file(path, file_id, index, image_key=image_keys[0],
-                             label_key=label_keys[0] if label_keys else "", skip=instruction.skip,
-                             take=instruction.take, flag_name=flag_name)
     num_classes = builder.info.features[label_keys[0]].num_classes if label_keys else None
-    return _record_source(f"tfds {dataset_name} in {builder.data_dir} ({split})", paths, index,
-                          image_key=image_keys[0], num_classes=num_classes, flag_name=flag_name)
+    name = f"tfds {dataset_name} in {builder.data_dir} ({split})"
+    image_key, label_key = image_keys[0], label_keys[0] if label_keys else ""
+    if file_format == tfds.core.FileFormat.ARRAY_RECORD:
+        return _array_record_source(name, builder, split, image_key, label_key,
+                                    num_classes=num_classes, flag_name=flag_name)
+    files = RecordFiles(
+        paths=tuple(os.fspath(instruction.filename) for instruction in instructions),
+        images_per_file=tuple(instruction.take for instruction in instructions),
+        image_key=image_key, label_key=label_key,
+        skips=tuple(instruction.skip for instruction in instructions),
+        takes=tuple(instruction.take for instruction in instructions))
+    return _record_source(name, files, num_classes=num_classes, flag_name=flag_name)
+
+
+def _array_record_source(name: str, builder, split: str, image_key: str, label_key: str, *,
+                         num_classes: int | None, flag_name: str) -> ImageSource:
+    """An array_record split read by index through `builder.as_data_source` (random access, so
+    the multi-crop pipeline gives it the full permutation of in-memory sources)."""
+    try:
+        data_source = builder.as_data_source(
+            split, decoders={image_key: tfds.decode.SkipDecoding()})
+    except Exception as error:  # a missing array_record package, unreadable files
+        raise DataSourceError(f"{flag_name}: cannot open {name} with TFDS's data-source API "
+                              f"({type(error).__name__}: {error})") from error
+    if len(data_source) == 0:
+        raise DataSourceError(f"{flag_name}: {name} holds no examples")
+
+    def read_record(index):
+        example = data_source[int(index)]
+        label = example[label_key] if label_key else -1
+        return np.array(example[image_key], dtype=object), np.int64(label)
+
+    def read_example(example_index):
+        encoded, label = tf.numpy_function(read_record, [example_index], (tf.string, tf.int64),
+                                           stateful=False)
+        return decode_image(tf.ensure_shape(encoded, [])), tf.ensure_shape(label, [])
+
+    return ImageSource(name=name, num_examples=len(data_source), num_classes=num_classes,
+                       read_example=read_example)
 
 
 # --------------------------------------------------------------------------- #
 # Image folders
 # --------------------------------------------------------------------------- #
 
-def _has_image_structure(head: bytes, tail: bytes) -> bool:
-    """Whether bytes start and end like a complete JPEG or PNG file."""
-    if head.startswith(_JPEG_START):
-        return _JPEG_END in tail
-    if head.startswith(_PNG_START):
-        return _PNG_END in tail
-    return False
-
-
 def _looks_like_complete_image(path: str) -> bool:
     try:
-        with open(path, "rb") as file:
+        with tf.io.gfile.GFile(path, "rb") as file:
             head = file.read(16)
-            file.seek(max(0, os.fstat(file.fileno()).st_size - _END_MARKER_SEARCH_BYTES))
-            return _has_image_structure(head, file.read())
-    except OSError:
+            file.seek(max(0, file.size() - END_MARKER_SEARCH_BYTES))
+            return bytes_look_like_image(head, file.read())
+    except (OSError, tf.errors.OpError):
         return False
 
 
 def _image_folder_source(root: str, split: str, flag_name: str) -> ImageSource:
     folder, name = root, f"image folder {root}"
-    subfolders = {entry.name for entry in os.scandir(root) if entry.is_dir()}
+    subfolders = set(_subfolders(root))
     if "train" in subfolders and subfolders & {"val", "test"}:
         chosen = next(candidate for candidate in _FOLDER_SPLITS[split] if candidate in subfolders)
-        folder, name = os.path.join(root, chosen), f"image folder {root} ({chosen})"
+        folder, name = _join(root, chosen), f"image folder {root} ({chosen})"
 
-    image_paths, num_other_files = [], 0
-    for directory, child_dirs, file_names in os.walk(folder, followlinks=True):
-        child_dirs.sort()
+    # Walked top-down in sorted order; each image's class is its first-level subfolder.
+    image_paths, image_classes, num_other_files = [], [], 0
+    for directory, child_dirs, file_names in tf.io.gfile.walk(folder):
+        child_dirs[:] = sorted(child.rstrip("/") for child in child_dirs)
+        relative = directory[len(folder):].strip("/" + os.sep)
+        class_name = relative.replace(os.sep, "/").split("/")[0] if relative else None
         for file_name in sorted(file_names):
             if file_name.lower().endswith(IMAGE_EXTENSIONS):
-                image_paths.append(os.path.join(directory, file_name))
+                image_paths.append(_join(directory, file_name))
+                image_classes.append(class_name)
             else:
                 num_other_files += 1
     if num_other_files:
@@ -427,15 +445,16 @@ def _image_folder_source(root: str, split: str, flag_name: str) -> ImageSource:
     if corrupt:
         log.warning("Skipped %d unreadable or corrupt images in %s (first: %s)",
                     len(corrupt), folder, corrupt[0])
+    image_classes = [class_name for class_name, ok in zip(image_classes, readable, strict=True)
+                     if ok]
     image_paths = [path for path, ok in zip(image_paths, readable, strict=True) if ok]
     if not image_paths:
         raise DataSourceError(f"{flag_name}: {folder} contains no readable images")
 
-    relative_dirs = [os.path.relpath(os.path.dirname(path), folder) for path in image_paths]
-    class_names = sorted({rel.split(os.sep)[0] for rel in relative_dirs if rel != os.curdir})
+    class_names = sorted({class_name for class_name in image_classes if class_name is not None})
     class_ids = {class_name: label for label, class_name in enumerate(class_names)}
-    labels = [class_ids[rel.split(os.sep)[0]] if rel != os.curdir else -1
-              for rel in relative_dirs]
+    labels = [class_ids[class_name] if class_name is not None else -1
+              for class_name in image_classes]
     paths_tensor = tf.constant(image_paths)
     labels_tensor = tf.constant(labels, tf.int64)
 

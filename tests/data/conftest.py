@@ -16,7 +16,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from dino_keras.data.sources import resolve_source
+from dino_keras.data import record_counts
+from dino_keras.data.sources import TFRECORD_IMAGE_KEY, TFRECORD_LABEL_KEY, resolve_source
 
 
 def encode_image(array: np.ndarray, image_format: str = "PNG") -> bytes:
@@ -60,6 +61,30 @@ def write_tfrecord(path, encoded_images: list[bytes], labels: list[int] | None) 
     return str(path)
 
 
+def count_records(*paths) -> None:
+    """What `scripts/count_records.py` does for `paths`: their count files."""
+    record_counts.write_counts([str(path) for path in paths], TFRECORD_IMAGE_KEY,
+                               TFRECORD_LABEL_KEY)
+
+
+def write_record_files(folder, sizes: list[int], *, first_label: int = 0) -> list[str]:
+    """Counted TFRecord files of PNGs of different sizes; label = number of the image, so
+    every image can be told apart by its label."""
+    generator = np.random.default_rng(2)
+    paths, label = [], first_label
+    os.makedirs(folder, exist_ok=True)
+    for file_number, size in enumerate(sizes):
+        encoded, labels = [], []
+        for _ in range(size):
+            encoded.append(encode_image(random_image(generator, 18 + label % 5, 24 - label % 7)))
+            labels.append(label)
+            label += 1
+        paths.append(write_tfrecord(os.path.join(folder, f"part-{file_number}.tfrecord"),
+                                    encoded, labels))
+    count_records(*paths)
+    return paths
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
@@ -89,6 +114,24 @@ def file_source(tmp_path, rng, write_image, random_image):
         write_image(tmp_path / "files" / f"c{i % 2}" / f"{i}.png",
                     random_image(rng, 20 + i, 30 - i))
     return resolve_source(str(tmp_path / "files"))
+
+
+@pytest.fixture
+def record_source(tmp_path):
+    """14 labelled PNG records of different sizes in 3 counted files (3 steps of 4 per epoch):
+    the streamed path."""
+    write_record_files(tmp_path / "records", [5, 5, 4])
+    return resolve_source(str(tmp_path / "records"))
+
+
+@pytest.fixture(name="count_records")
+def count_records_fixture():
+    return count_records
+
+
+@pytest.fixture(name="write_record_files")
+def write_record_files_fixture():
+    return write_record_files
 
 
 @pytest.fixture(name="encode_image")

@@ -1,4 +1,8 @@
-"""The multi-crop training stream (shapes, determinism, resume, sharding) and the eval stream."""
+"""The multi-crop training stream (shapes, determinism, resume, sharding) and the eval stream.
+
+`record_source` (streamed TFRecords) cuts its crops as `file_source` does, so the crop tests
+run on the two others only.
+"""
 
 from __future__ import annotations
 
@@ -56,7 +60,7 @@ def test_no_local_crops(idx_source):
     assert len(batch) == 2
 
 
-@pytest.mark.parametrize("source_name", ["idx_source", "file_source"])
+@pytest.mark.parametrize("source_name", ["idx_source", "file_source", "record_source"])
 def test_same_seed_same_batches_and_other_seed_other_batches(request, source_name):
     source = request.getfixturevalue(source_name)
 
@@ -70,7 +74,7 @@ def test_same_seed_same_batches_and_other_seed_other_batches(request, source_nam
     assert not any(np.array_equal(a[0], b[0]) for a, b in zip(reference, other, strict=True))
 
 
-@pytest.mark.parametrize("source_name", ["idx_source", "file_source"])
+@pytest.mark.parametrize("source_name", ["idx_source", "file_source", "record_source"])
 def test_resume_mid_epoch_continues_the_uninterrupted_stream(request, source_name):
     source = request.getfixturevalue(source_name)
     steps = multicrop.steps_per_epoch(source.num_examples, BATCH)
@@ -115,7 +119,7 @@ def test_shards_read_disjoint_examples_and_the_same_number_of_steps():
         multicrop.training_index_stream(40, batch_size=4, seed=0, num_shards=2, shard_index=2)
 
 
-@pytest.mark.parametrize("source_name", ["idx_source", "file_source"])
+@pytest.mark.parametrize("source_name", ["idx_source", "file_source", "record_source"])
 def test_batch_shards_read_in_turn_are_the_whole_stream(request, source_name):
     source = request.getfixturevalue(source_name)
     settings = dict(batch_size=BATCH, seed=4, start_epoch=1, skip_steps=1, **CROPS)
@@ -149,7 +153,7 @@ def _reference_eval_transform(image: np.ndarray, image_size: int) -> np.ndarray:
     return (crop - np.array(augment.IMAGENET_MEAN)) / augment.IMAGENET_STD
 
 
-@pytest.mark.parametrize("source_name", ["idx_source", "file_source"])
+@pytest.mark.parametrize("source_name", ["idx_source", "file_source", "record_source"])
 def test_eval_dataset_keeps_order_labels_and_the_remainder(request, source_name):
     source = request.getfixturevalue(source_name)
     batches = list(multicrop.build_eval_dataset(source, image_size=12, batch_size=3)

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from dino_keras.data import multicrop, sources
+from dino_keras.data import multicrop, record_counts, sources
 from dino_keras.data.sources import DataSourceError, resolve_source
 
 
@@ -190,14 +190,15 @@ def test_fashion_mnist_without_the_debian_package_explains_what_to_install(tmp_p
 # --------------------------------------------------------------------------- #
 
 @pytest.fixture
-def tfrecord_folder(tmp_path, rng, encode_image, random_image, write_tfrecord):
-    """Two files: 3 labelled PNGs + 1 corrupt record, then 2 labelled JPEGs."""
+def tfrecord_folder(tmp_path, rng, encode_image, random_image, write_tfrecord, count_records):
+    """Two counted files: 3 labelled PNGs + 1 corrupt record, then 2 labelled JPEGs."""
     folder = tmp_path / "records"
     folder.mkdir()
     arrays = [random_image(rng, 10 + i, 12) for i in range(5)]
     first = [encode_image(array, "PNG") for array in arrays[:3]] + [b"not an image"]
     write_tfrecord(folder / "part-0.tfrecord", first, [0, 1, 2, 1])
     write_tfrecord(folder / "part-1.tfrec", [encode_image(a, "JPEG") for a in arrays[3:]], [3, 0])
+    count_records(folder / "part-0.tfrecord", folder / "part-1.tfrec")
     (folder / "notes.txt").write_text("ignored")
     return folder, arrays
 
@@ -218,23 +219,70 @@ def test_tfrecord_folder_file_and_glob(tfrecord_folder, caplog):
     assert resolve_source(str(folder), limit_images=4).num_examples == 4
 
 
+def read_all_by_index(source: sources.ImageSource) -> tuple[list[np.ndarray], list[int]]:
+    indices = tf.data.Dataset.range(source.num_examples)
+    pairs = indices.map(source.read_example).as_numpy_iterator()
+    images, labels = zip(*((image, int(label)) for image, label in pairs), strict=True)
+    return list(images), list(labels)
+
+
+def test_record_files_read_by_index_match_the_stream_in_file_order(tfrecord_folder):
+    # The linear probe reads by index in its own order: an index is built on first use.
+    source = resolve_source(str(tfrecord_folder[0]), limit_images=4)
+    streamed, by_index = read_all(source), read_all_by_index(source)
+    assert by_index[1] == streamed[1] == [0, 1, 2, 3]
+    for a, b in zip(by_index[0], streamed[0], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_tfrecords_without_labels_are_unlabelled(tmp_path, rng, encode_image, random_image,
-                                                 write_tfrecord):
+                                                 write_tfrecord, count_records):
     path = write_tfrecord(tmp_path / "u.tfrecord",
                           [encode_image(random_image(rng, 5, 5)) for _ in range(2)], None)
+    count_records(path)
     source = resolve_source(path)
     assert source.num_classes is None and read_all(source)[1] == [-1, -1]
 
 
-def test_bad_tfrecord_inputs_are_clear_errors(tmp_path, write_tfrecord):
+def test_bad_tfrecord_inputs_are_clear_errors(tmp_path, write_tfrecord, count_records):
     write_tfrecord(tmp_path / "empty.tfrecord", [], None)
+    count_records(tmp_path / "empty.tfrecord")
     with pytest.raises(DataSourceError, match="--data_path: .*zero readable image records"):
         resolve_source(str(tmp_path / "empty.tfrecord"))
     (tmp_path / "text.tfrecord").write_text("this is not a record file at all")
-    with pytest.raises(DataSourceError, match="not a TFRecord file"):
-        resolve_source(str(tmp_path / "text.tfrecord"))
+    with pytest.raises(record_counts.RecordCountError, match="text.tfrecord is not a TFRecord"):
+        count_records(tmp_path / "text.tfrecord")
     with pytest.raises(DataSourceError, match="no files match"):
         resolve_source(str(tmp_path / "missing-*.tfrecord"))
+
+
+def test_record_files_without_an_up_to_date_count_name_the_command(tmp_path, write_tfrecord,
+                                                                   encode_image, rng,
+                                                                   random_image, count_records):
+    images = [encode_image(random_image(rng, 6, 6)) for _ in range(3)]
+    path = write_tfrecord(tmp_path / "a.tfrecord", images, [0, 1, 2])
+    with pytest.raises(DataSourceError, match=r"--data_path=.*a\.tfrecord: .*a\.tfrecord has no "
+                                              r"image count in .*record_counts\.json; .*"
+                                              r"python scripts/count_records\.py --data_path="):
+        resolve_source(path)
+    count_records(path)
+    assert resolve_source(path).num_examples == 3
+    write_tfrecord(path, images[:2], [0, 1])  # changed after counting
+    with pytest.raises(DataSourceError, match=r"a\.tfrecord has \d+ bytes but was counted at "
+                                              r"\d+ bytes.*count it again with: python scripts"):
+        resolve_source(path, flag_name="--eval_data_path")
+
+
+def test_resolving_record_files_reads_no_record(tfrecord_folder):
+    folder, _ = tfrecord_folder
+    path = folder / "part-0.tfrecord"
+    path.write_bytes(bytes(path.stat().st_size))  # same size, no record left
+    source = resolve_source(str(folder))
+    assert (source.num_examples, source.num_classes) == (5, 4)  # from the count file alone
+    # Only reading by index reads every record, and finds the damage.
+    with pytest.raises(DataSourceError, match=r"--data_path: record 0 of .*part-0\.tfrecord has "
+                                              r"no 'image/encoded' feature"):
+        source.read_example(tf.constant(0, tf.int64))
 
 
 # --------------------------------------------------------------------------- #
@@ -275,7 +323,9 @@ def test_prepared_tfds_dataset(tfds_dir):
         assert image.shape == (8, 8, 3) and int(image[0, 0, 0]) % 30 == 10 * label
     assert resolve_source("tfds:tiny_images:test", "train",
                           tfds_data_dir=tfds_dir).num_examples == 4
-    assert resolve_source("tfds:tiny_images:train[2:5]", tfds_data_dir=tfds_dir).num_examples == 3
+    sliced = resolve_source("tfds:tiny_images:train[2:5]", tfds_data_dir=tfds_dir)
+    assert sliced.num_examples == 3 and sliced.records is not None
+    assert read_all(sliced)[1] == labels[2:5] == read_all_by_index(sliced)[1]
 
 
 def test_tfds_never_downloads_and_names_both_flags(tmp_path, tfds_dir):
@@ -294,3 +344,56 @@ def test_in_memory_source_reads_a_batch_of_indices(idx_folder):
     images, labels = source.read_example(tf.constant([3, 0, 5], tf.int64))
     assert images.shape == (3, 28, 28, 3)
     np.testing.assert_array_equal(labels, [3, 0, 1])
+
+
+def test_tfds_array_record_is_read_through_tfds_data_sources(tmp_path):
+    data_dir = str(tmp_path / "array_record")
+    builder = tfds.builder("tiny_images", data_dir=data_dir, file_format="array_record")
+    builder.download_and_prepare()
+    source = resolve_source("tfds:tiny_images", tfds_data_dir=data_dir)
+    assert (source.num_examples, source.num_classes, source.records) == (7, 3, None)
+    images, labels = read_all(source)
+    assert sorted(labels) == sorted(i % 3 for i in range(7))
+    for image, label in zip(images, labels, strict=True):
+        assert image.shape == (8, 8, 3) and int(image[0, 0, 0]) % 30 == 10 * label
+    assert resolve_source("tfds:tiny_images:test", tfds_data_dir=data_dir).num_examples == 4
+    batches = list(multicrop.build_multicrop_dataset(
+        source, global_crops_size=8, local_crops_size=4, global_crops_scale=(0.4, 1.0),
+        local_crops_scale=(0.05, 0.4), local_crops_number=1, batch_size=3, seed=0)
+        .take(2).as_numpy_iterator())
+    assert [crop.shape for crop in batches[1]] == [(3, 8, 8, 3)] * 2 + [(3, 4, 4, 3)]
+
+
+def test_every_file_form_reads_from_a_tf_io_gfile_url(rng, encode_image, random_image,
+                                                      write_tfrecord, count_records):
+    # ram:// is served by TensorFlow's file systems only, as gs:// is: Python's open fails.
+    # Its folders exist once made (listing does not infer them from file names).
+    root = f"ram://{os.getpid()}_sources"
+    for folder in ("folder/class0", "folder/class1", "records", "idx"):
+        tf.io.gfile.makedirs(f"{root}/{folder}")
+    arrays = [random_image(rng, 7, 9) for _ in range(3)]
+    for i, array in enumerate(arrays):
+        with tf.io.gfile.GFile(f"{root}/folder/class{i % 2}/{i}.png", "wb") as file:
+            file.write(encode_image(array))
+    folder = resolve_source(f"{root}/folder")
+    assert (folder.num_examples, folder.num_classes) == (3, 2)
+    assert read_all(folder)[1] == [0, 0, 1]  # class0/0.png, class0/2.png, class1/1.png
+    np.testing.assert_array_equal(read_all(folder)[0][1], arrays[2])
+
+    path = write_tfrecord(f"{root}/records/a.tfrecord", [encode_image(a) for a in arrays],
+                          [2, 0, 1])
+    count_records(path)
+    records = resolve_source(f"{root}/records")
+    assert records.num_examples == 3 and read_all(records)[1] == [2, 0, 1]
+    assert read_all_by_index(records)[1] == [2, 0, 1]
+
+    digits = rng.integers(0, 256, (4, 5, 5), dtype=np.uint8)
+    header = np.array([2051, 4, 5, 5], ">u4").tobytes()
+    with tf.io.gfile.GFile(f"{root}/idx/train-images-idx3-ubyte", "wb") as file:
+        file.write(header + digits.tobytes())
+    with tf.io.gfile.GFile(f"{root}/idx/train-labels-idx1-ubyte", "wb") as file:
+        file.write(np.array([2049, 4], ">u4").tobytes() + bytes([3, 1, 0, 2]))
+    idx = resolve_source(f"{root}/idx")
+    images, labels = read_all(idx)
+    assert labels == [3, 1, 0, 2]
+    np.testing.assert_array_equal(images[2][..., 0], digits[2])
