@@ -9,7 +9,6 @@ import tensorflow as tf
 
 from dino_keras import run_dir
 from dino_keras.checkpointing import TrainingCheckpoint
-from dino_keras.export import export_run, load_export
 from dino_keras.run_loading import RunLoadingError, load_backbone
 from dino_keras.training import run_training
 from tests.helpers import tiny_config
@@ -84,13 +83,3 @@ def test_run_on_ram_filesystem_writes_everything_and_resumes_from_its_backup(
     assert loaded.checkpoint_path == run_dir.join(checkpoints, "latest-2")
     with pytest.raises(RunLoadingError, match="does not exist"):
         load_backbone(f"ram://dino_runs/{uuid.uuid4().hex}/missing")
-
-    # The SavedModel export of the same run, written to and served from ram://.
-    export_dir = run_dir.join(output_dir, "export")
-    assert export_run(output_dir, export_dir) == run_dir.join(export_dir, "1")
-    model, metadata, directory = load_export(export_dir)
-    assert directory == run_dir.join(export_dir, "1")
-    assert metadata["image_size"] == config.global_crops_size
-    images = tf.zeros([1, config.global_crops_size, config.global_crops_size, 3], tf.float32)
-    assert model.signatures["serving_default"](images=images)["embedding"].shape == (1, 32)
-    assert not any(".tmp-" in name or ".old-" in name for name in all_files(export_dir))
