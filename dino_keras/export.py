@@ -29,8 +29,8 @@ query to the patches, per head).
 from __future__ import annotations
 
 import datetime
-import os
 import re
+import uuid
 
 import keras
 import tensorflow as tf
@@ -40,6 +40,7 @@ from dino_keras.data import augment
 from dino_keras.data.multicrop import _eval_transform
 
 METADATA_FILE = "dino_export.json"
+SAVED_MODEL_FILE = "saved_model.pb"
 METADATA_DIR = "assets.extra"
 IMAGES_SIGNATURE = "serving_default"
 BYTES_SIGNATURE = "serve_image_bytes"
@@ -301,9 +302,8 @@ def export_backbone(
             "was written."
         )
     run_dir.makedirs(export_dir)
-    staging = run_dir.join(export_dir, f".tmp-{version}-{os.getpid()}")
-    replaced = run_dir.join(export_dir, f".old-{version}-{os.getpid()}")
-    _remove_tree(staging)
+    staging = run_dir.join(export_dir, f".tmp-{version}-{uuid.uuid4().hex[:12]}")
+    replaced = run_dir.join(export_dir, f".old-{version}-{uuid.uuid4().hex[:12]}")
     try:
         module = ServingModule(backbone, image_size=image_size, patch_size=patch_size)
         tf.saved_model.save(module, staging, signatures=module.signatures())
@@ -315,16 +315,17 @@ def export_backbone(
             source_checkpoint=source_checkpoint,
             command=command,
         )
-        run_dir.makedirs(run_dir.join(staging, METADATA_DIR))
         run_dir.write_json(run_dir.join(staging, METADATA_DIR, METADATA_FILE), metadata)
         if run_dir.exists(target):
             if not overwrite:
                 raise ExportError(f"{target} appeared while exporting; not overwritten")
-            tf.io.gfile.rename(target, replaced)
-        tf.io.gfile.rename(staging, target)
+            run_dir.move_tree(target, replaced)
+        # saved_model.pb last: off the local disk the move goes file by file, and a reader
+        # (TF Serving, `resolve_saved_model_dir`) takes a version only once it has one.
+        run_dir.move_tree(staging, target, last=SAVED_MODEL_FILE)
     finally:
-        _remove_tree(staging)
-        _remove_tree(replaced)
+        run_dir.remove(staging)
+        run_dir.remove(replaced)
     return target
 
 
@@ -360,13 +361,13 @@ def resolve_saved_model_dir(path: str) -> str:
     (its highest numeric version, as TF Serving picks it)."""
     if not run_dir.is_dir(path):
         raise ExportError(f"SavedModel directory {path} does not exist")
-    if run_dir.is_file(run_dir.join(path, "saved_model.pb")):
+    if run_dir.is_file(run_dir.join(path, SAVED_MODEL_FILE)):
         return path
     versions = [
         name.rstrip("/")
         for name in tf.io.gfile.listdir(path)
         if re.fullmatch(r"\d+/?", name)
-        and run_dir.is_file(run_dir.join(path, name.rstrip("/"), "saved_model.pb"))
+        and run_dir.is_file(run_dir.join(path, name.rstrip("/"), SAVED_MODEL_FILE))
     ]
     if not versions:
         raise ExportError(
@@ -374,14 +375,6 @@ def resolve_saved_model_dir(path: str) -> str:
             "version subdirectory (<export_dir>/<version>/saved_model.pb)"
         )
     return run_dir.join(path, max(versions, key=int))
-
-
-def _remove_tree(path: str) -> None:
-    # ram:// answers `exists` by prefix, so a missing directory can still raise here.
-    try:
-        tf.io.gfile.rmtree(path)
-    except tf.errors.NotFoundError:
-        pass
 
 
 def read_metadata(saved_model_dir: str) -> dict:

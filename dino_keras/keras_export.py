@@ -13,12 +13,10 @@ them, then `keras.saving.load_model(path)` restores the model.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-
 import keras
 import tensorflow as tf
+
+from dino_keras import run_dir
 
 # Imported for their registration with Keras (`register_keras_serializable`), which loading needs.
 from dino_keras.models import batch_norm, vit  # noqa: F401
@@ -58,7 +56,7 @@ def keras_backbone(backbone: keras.Model) -> keras.Model:
 
 
 def keras_export_path(export_dir: str, version: int) -> str:
-    return os.path.join(export_dir, f"backbone-{version}{KERAS_SUFFIX}")
+    return run_dir.join(export_dir, f"backbone-{version}{KERAS_SUFFIX}")
 
 
 def save_keras_backbone(
@@ -66,28 +64,21 @@ def save_keras_backbone(
 ) -> str:
     """Writes `<export_dir>/backbone-<version>.keras`; returns its path. An existing file is
     refused unless `overwrite`. The file is written under a temporary name beside it and
-    renamed into place when complete (`tf.io.gfile`, so any filesystem TensorFlow reaches)."""
+    renamed into place when complete (Keras saves to a local file; `tf.io.gfile` takes it to any
+    file system TensorFlow reaches)."""
     if version <= 0:
         raise KerasExportError(f"--version must be a positive integer, got {version}")
     target = keras_export_path(export_dir, version)
-    if tf.io.gfile.exists(target) and not overwrite:
+    if run_dir.exists(target) and not overwrite:
         raise KerasExportError(
             f"{target} already exists; choose another --version, remove it or pass "
             "--overwrite_version. Nothing was written."
         )
-    tf.io.gfile.makedirs(export_dir)
-    local_dir = tempfile.mkdtemp(prefix="dino_keras_export_")
-    staging = f"{target}.tmp-{os.getpid()}"
+    model = keras_backbone(backbone)
     try:
-        local = os.path.join(local_dir, "backbone" + KERAS_SUFFIX)
-        keras_backbone(backbone).save(local)
-        tf.io.gfile.copy(local, staging, overwrite=True)
-        tf.io.gfile.rename(staging, target, overwrite=overwrite)
-    finally:
-        shutil.rmtree(local_dir, ignore_errors=True)
-        if tf.io.gfile.exists(staging):
-            tf.io.gfile.remove(staging)
-    return target
+        return run_dir.write_file_atomically(target, model.save, overwrite=overwrite)
+    except tf.errors.AlreadyExistsError as error:
+        raise KerasExportError(f"{target} appeared while exporting; not overwritten") from error
 
 
 def export_keras_run(

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import uuid
+from collections.abc import Callable
 
 import tensorflow as tf
 
@@ -79,6 +82,15 @@ def modification_time(path: str) -> float:
 # --------------------------------------------------------------------------- #
 
 
+def _temporary_name(path: str) -> str:
+    """A hidden name of its own beside `path`, ending with its name (so with its suffix: Keras
+    saves only to a `.keras` name). Not `path` plus a suffix: ram:// answers `exists` by prefix,
+    so `<path>.tmp` would make `path` seem to exist, and a rename that must not overwrite fail."""
+    directory, name = os.path.split(str(path))
+    temporary = f".tmp-{uuid.uuid4().hex[:12]}-{name}"  # one per write: never shared
+    return join(directory, temporary) if directory else temporary
+
+
 def write_atomically(path: str, content: str | bytes) -> str:
     """Replace `path` with `content` (its directory made if need be); a reader sees the old
     file or the new one, never a part. Returns `path`."""
@@ -86,17 +98,81 @@ def write_atomically(path: str, content: str | bytes) -> str:
     directory = os.path.dirname(path)
     if directory:
         makedirs(directory)
-    # A name of its own per write: two writers never share a temporary file.
-    temporary = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    temporary = _temporary_name(path)
     try:
         with tf.io.gfile.GFile(temporary, "wb" if isinstance(content, bytes) else "w") as f:
             f.write(content)
         tf.io.gfile.rename(temporary, path, overwrite=True)
     except BaseException:
-        if exists(temporary):
-            tf.io.gfile.remove(temporary)
+        remove(temporary)
         raise
     return path
+
+
+def write_file_atomically(
+    path: str, write: Callable[[str], object], *, overwrite: bool = True
+) -> str:
+    """Replace `path` with the file that `write(local_path)` makes, for writers that take only a
+    local path (Keras' `save`). `local_path` ends with the name of `path`. On a local disk it is
+    the temporary name beside `path`; elsewhere a local temporary file, copied beside `path`
+    under a temporary name. Either is then renamed over `path`; with `overwrite=False` a `path`
+    that appeared meanwhile is kept (`tf.errors.AlreadyExistsError`). Returns `path`."""
+    path = str(path)
+    directory = os.path.dirname(path)
+    if directory:
+        makedirs(directory)
+    temporary = _temporary_name(path)
+    local_dir = None if is_local(path) else tempfile.mkdtemp(prefix="dino_keras_")
+    try:
+        if local_dir is None:
+            write(temporary)
+        else:
+            local = os.path.join(local_dir, os.path.basename(path))
+            write(local)
+            tf.io.gfile.copy(local, temporary, overwrite=True)
+        tf.io.gfile.rename(temporary, path, overwrite=overwrite)
+    finally:
+        if local_dir is not None:
+            shutil.rmtree(local_dir, ignore_errors=True)
+        remove(temporary)
+    return path
+
+
+def remove(path: str) -> None:
+    """Removes a file or a whole directory; nothing when there is none."""
+    # `exists` first would not do: ram:// answers it by prefix.
+    try:
+        tf.io.gfile.rmtree(str(path))
+    except tf.errors.NotFoundError:
+        pass
+
+
+def move_tree(source: str, target: str, *, last: str | None = None) -> str:
+    """Moves the directory `source` to `target`, which must not exist; returns `target`.
+
+    On a local disk this is one rename, atomic. Elsewhere it goes file by file: ram:// renames
+    only a directory's own entry (its files stay behind), and object stores have no directories
+    to rename. `last` (a name relative to `source`, e.g. `saved_model.pb`) is then moved last,
+    so that a reader who waits for it finds every other file already in place.
+    """
+    source, target = normalize(source), normalize(target)
+    if is_local(source) and is_local(target):
+        tf.io.gfile.rename(source, target)
+        return target
+    files = []
+    for folder, _, names in tf.io.gfile.walk(source):
+        relative = folder[len(source) :].strip("/")
+        makedirs(join(target, relative) if relative else target)  # empty folders too
+        # ram:// lists by prefix: beside `assets.extra/` its `assets/` lists a file `.extra`.
+        files.extend(
+            join(relative, name) if relative else name
+            for name in names
+            if exists(join(folder, name))
+        )
+    for name in sorted(files, key=lambda name: name == last):
+        tf.io.gfile.rename(join(source, name), join(target, name))  # never over a file
+    remove(source)
+    return target
 
 
 def read_text(path: str) -> str:

@@ -39,6 +39,7 @@ from dino_keras.convert.weight_mapping import FillResult, fill_network
 from dino_keras.loss import DinoLoss
 from dino_keras.models.factory import build_student_and_teacher
 from dino_keras.optim import DinoLossScaleOptimizer, DinoOptimizer
+from dino_keras.run_dir import write_atomically
 from dino_keras.schedules import CosineSchedule
 
 
@@ -269,8 +270,4 @@ def _write_flagfile(config: TrainConfig, extra: Mapping[str, Any]) -> str:
         elif isinstance(value, tuple):
             value = ",".join(str(v) for v in value)
         lines.append(f"--{field}={value}")
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with tf.io.gfile.GFile(temporary, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    tf.io.gfile.rename(temporary, path, overwrite=True)
-    return path
+    return write_atomically(path, "\n".join(lines) + "\n")

@@ -41,6 +41,7 @@ from dino_keras.convert.weight_mapping import (
     head_assignments,
     torch_state_dict,
 )
+from dino_keras.run_dir import write_atomically
 from dino_keras.run_loading import (
     CONFIG_FILE,
     build_networks,
@@ -161,10 +162,7 @@ def save_torch(obj, path: str) -> None:
     torch = import_torch()
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with tf.io.gfile.GFile(temporary, "wb") as f:
-        f.write(buffer.getvalue())
-    tf.io.gfile.rename(temporary, path)
+    write_atomically(path, buffer.getvalue())
 
 
 @dataclasses.dataclass
