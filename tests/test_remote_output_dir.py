@@ -1,14 +1,19 @@
 """A whole run with --output_dir on TensorFlow's in-memory file system (`ram://`, one process):
-every output goes through tf.io.gfile, an interrupted run resumes from its backup there, and the
-run loads back for evaluation. The data stays on the local disk."""
+every output goes through tf.io.gfile, an interrupted run resumes from its backup there, the run
+loads back for evaluation, and its SavedModel and .keras exports are written to ram:// and load
+back from there with the features of the run's backbone. The data stays on the local disk."""
 
 import uuid
 
+import keras
+import numpy as np
 import pytest
 import tensorflow as tf
 
 from dino_keras import run_dir
 from dino_keras.checkpointing import TrainingCheckpoint
+from dino_keras.export import export_backbone, load_export, normalize_0_255
+from dino_keras.keras_export import save_keras_backbone
 from dino_keras.run_loading import RunLoadingError, load_backbone
 from dino_keras.training import run_training
 from tests.helpers import tiny_config
@@ -83,3 +88,21 @@ def test_run_on_ram_filesystem_writes_everything_and_resumes_from_its_backup(
     assert loaded.checkpoint_path == run_dir.join(checkpoints, "latest-2")
     with pytest.raises(RunLoadingError, match="does not exist"):
         load_backbone(f"ram://dino_runs/{uuid.uuid4().hex}/missing")
+
+    # Both exports of the run's backbone, written to and loaded back from ram://; their features
+    # are the backbone's own (what a local export gives: tests/test_export.py).
+    export_dir = run_dir.join(output_dir, "export")
+    size = config.global_crops_size
+    saved_model = export_backbone(loaded.backbone, export_dir, image_size=size)
+    assert saved_model == run_dir.join(export_dir, "1")
+    keras_file = save_keras_backbone(loaded.backbone, export_dir)
+    assert keras_file == run_dir.join(export_dir, "backbone-1.keras")
+    model, metadata, directory = load_export(export_dir)
+    assert directory == saved_model and metadata["image_size"] == size
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, size, size, 3)).astype(np.float32)
+    expected = loaded.backbone(normalize_0_255(tf.constant(pixels))).numpy()
+    served = model.signatures["serving_default"](images=tf.constant(pixels))["embedding"]
+    np.testing.assert_allclose(served.numpy(), expected, rtol=0, atol=1e-5)
+    restored = keras.saving.load_model(keras_file)
+    np.testing.assert_allclose(restored(pixels).numpy(), expected, rtol=0, atol=1e-5)
+    assert not any(".tmp-" in name or ".old-" in name for name in all_files(export_dir))
