@@ -79,3 +79,38 @@ def test_paths_keep_urls_intact(tmp_path):
     assert run_dir.absolute("gs://bucket/run") == "gs://bucket/run"
     assert run_dir.absolute("run").startswith("/") and run_dir.absolute("run").endswith("/run")
     assert not run_dir.is_local("ram://x") and run_dir.is_local(str(tmp_path))
+
+
+def test_file_from_a_local_writer_replaces_the_file_atomically(directory):
+    path = run_dir.join(directory, "model.keras")
+    written = []
+
+    def save(local_path):  # a writer that takes only a local path (Keras' save)
+        assert run_dir.is_local(local_path) and local_path.endswith("model.keras")
+        with open(local_path, "wb") as f:
+            f.write(b"v%d" % len(written))
+        written.append(local_path)
+
+    assert run_dir.write_file_atomically(path, save) == path
+    assert run_dir.write_file_atomically(path, save) == path  # overwrites by default
+    assert run_dir.read_bytes(path) == b"v1"
+    with pytest.raises(tf.errors.AlreadyExistsError):
+        run_dir.write_file_atomically(path, save, overwrite=False)
+    assert run_dir.read_bytes(path) == b"v1"
+    assert tf.io.gfile.listdir(directory) == ["model.keras"]  # no temporary left
+
+
+def test_move_tree_moves_every_file_and_removes_the_source(directory):
+    source, target = run_dir.join(directory, ".staging"), run_dir.join(directory, "1")
+    # `assets` beside `assets.extra`: on ram:// a listing of the first also names `.extra`.
+    for name in ("saved_model.pb", "variables/variables.index", "assets.extra/meta.json"):
+        run_dir.write_atomically(run_dir.join(source, name), name)
+    run_dir.makedirs(run_dir.join(source, "assets"))
+    assert run_dir.move_tree(source, target, last="saved_model.pb") == target
+    for name in ("saved_model.pb", "variables/variables.index", "assets.extra/meta.json"):
+        assert run_dir.read_text(run_dir.join(target, name)) == name
+    assert run_dir.is_dir(run_dir.join(target, "assets"))
+    assert tf.io.gfile.listdir(directory) == ["1"]
+    run_dir.remove(target)
+    run_dir.remove(target)  # nothing there: no error
+    assert tf.io.gfile.listdir(directory) == []
