@@ -479,27 +479,36 @@ def _multicrop_dataset(config: BenchmarkConfig, train_config: TrainConfig):
     return dataset, source
 
 
-def case_pipeline(config: BenchmarkConfig) -> dict:
-
-    train_config = config.train_config()
-    dataset, source = _multicrop_dataset(config, train_config)
+def time_pipeline(batches, config: BenchmarkConfig, batch_size: int) -> tuple[dict, object]:
+    """Times an input pipeline as both pipeline cases report it: its first batch (start-up),
+    `pipeline_warmup` untimed batches, then `pipeline_batches` timed ones. Returns the figures
+    (with the loader processes' peak memory, read while they still run) and the last batch."""
     start = time.perf_counter()
-    iterator = iter(dataset)
+    iterator = iter(batches)
     next(iterator)
     first_batch_seconds = time.perf_counter() - start
     for _ in range(config.pipeline_warmup):
         next(iterator)
     start = time.perf_counter()
     for _ in range(config.pipeline_batches):
-        next(iterator)
+        batch = next(iterator)
     seconds = time.perf_counter() - start
-    images = config.pipeline_batches * train_config.batch_size_per_gpu
-    return {
-        "images_per_second": round(images / seconds, 3),
+    figures = {
+        "images_per_second": round(config.pipeline_batches * batch_size / seconds, 3),
         "first_batch_seconds": round(first_batch_seconds, 3),
+        **child_processes_peak_rss(),
+    }
+    return figures, batch
+
+
+def case_pipeline(config: BenchmarkConfig) -> dict:
+    train_config = config.train_config()
+    dataset, source = _multicrop_dataset(config, train_config)
+    figures, _ = time_pipeline(dataset, config, train_config.batch_size_per_gpu)
+    return {
+        **figures,
         "source_images": source.num_examples,
         "loader_processes": train_config.num_workers,
-        **child_processes_peak_rss(),
     }
 
 

@@ -28,7 +28,7 @@ import time
 import torch
 
 from benchmarks import reference_torch as ref
-from benchmarks.benchmarking import BenchmarkConfig, child_processes_peak_rss, image_folder
+from benchmarks.benchmarking import BenchmarkConfig, image_folder, time_pipeline
 
 # The reference's ViT: its position-embedding grid is for 224 px crops (img_size=[224]).
 REFERENCE_IMAGE_SIZE = 224
@@ -161,27 +161,14 @@ def case_reference_pipeline(config: BenchmarkConfig) -> dict:
         num_workers=train_config.num_workers,
         drop_last=True,
     )
-    start = time.perf_counter()
-    iterator = iter(loader)
-    next(iterator)
-    first_batch_seconds = time.perf_counter() - start
-    for _ in range(config.pipeline_warmup):
-        next(iterator)
-    start = time.perf_counter()
-    for _ in range(config.pipeline_batches):
-        crops = next(iterator)
-    seconds = time.perf_counter() - start
-    workers = child_processes_peak_rss()  # while the workers still run
-    del iterator
+    figures, crops = time_pipeline(loader, config, batch)  # memory read while the workers run
     expected = [batch, 3, train_config.local_crops_size, train_config.local_crops_size]
     if len(crops) != 2 + train_config.local_crops_number or list(crops[-1].shape) != expected:
         raise RuntimeError(f"unexpected batch: {[list(c.shape) for c in crops]}")
     return {
-        "images_per_second": round(config.pipeline_batches * batch / seconds, 3),
-        "first_batch_seconds": round(first_batch_seconds, 3),
+        **figures,
         "source_images": len(dataset),
         "loader_processes": train_config.num_workers,
         "torch_version": torch.__version__,
         **threads,
-        **workers,
     }
