@@ -213,3 +213,15 @@ def test_ratio_summary_lists_each_recipe():
         "  paper: step 2.000x, pipeline 3.125x",
         "  demo: no ratio (a case did not run)",
     ]
+
+
+def test_time_pipeline_times_the_batches_after_the_first_and_the_warmup(monkeypatch):
+    config = BenchmarkConfig(pipeline_batches=3, pipeline_warmup=2)
+    ticks = iter(range(100))  # perf_counter: 0, 1, 2, ... seconds
+    monkeypatch.setattr(benchmarking.time, "perf_counter", lambda: float(next(ticks)))
+    monkeypatch.setattr(benchmarking, "child_processes_peak_rss", lambda: {"workers": 1})
+    batches = iter(range(10))
+    figures, last = benchmarking.time_pipeline(batches, config, batch_size=4)
+    assert last == 5 and next(batches) == 6  # 1 first + 2 warm-up + 3 timed batches read
+    # First batch: ticks 0 -> 1; timed: ticks 2 -> 3, 3 timed batches of 4 images in 1 s.
+    assert figures == {"images_per_second": 12.0, "first_batch_seconds": 1.0, "workers": 1}
