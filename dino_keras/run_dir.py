@@ -4,6 +4,8 @@ A run directory may be a local path or any file system TensorFlow supports (`gs:
 `ram://run` in memory). Files a reader may open at any moment (the configuration, the summary)
 are replaced atomically: written under a temporary name, then renamed over the old file (on an
 object store such as GCS the rename is a copy, but an object still appears only once complete).
+A directory written whole (a SavedModel) is moved into place in one rename on a local disk, file
+by file elsewhere (`move_tree`).
 The JSON-lines log grows one record at a time; a line cut short by a killed process is skipped
 when the log is read back, and the next record starts a line of its own.
 """
