@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 VIT_ARCHS = {
@@ -182,6 +183,28 @@ class TrainConfig:
     def checkpoint_dir(self) -> str:
         return os.path.join(self.output_dir, "checkpoints")
 
+    @classmethod
+    def coerce(cls, values: Mapping[str, Any]) -> dict[str, Any]:
+        """`values` (from flags, a run's config.json or explicit overrides) as field values:
+        'min,max' ranges as tuples of floats, numbers and booleans of the field's type. Raises
+        `ConfigError` naming the key for an unknown key or a value of the wrong kind."""
+        fields = {field.name: field for field in dataclasses.fields(cls)}
+        coerced = {}
+        for name, value in values.items():
+            if name not in fields:
+                raise ConfigError(f"--{name}: unknown setting (not a field of {cls.__name__})")
+            coerced[name] = _coerce_value(name, fields[name].default, value)
+        return coerced
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], *, validate: bool = True):
+        """The config of `values` (missing keys keep their defaults), coerced by `coerce` and
+        validated: the one way from flags, config.json or overrides to a `TrainConfig`."""
+        config = cls(**cls.coerce(values))
+        if validate:
+            config.validate()
+        return config
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
@@ -330,6 +353,45 @@ class TrainConfig:
             fail("output_dir", "is empty")
 
 
+def _coerce_value(name: str, default, value):
+    """`value` as the type of the field `name` whose default is `default`."""
+    if isinstance(default, tuple):
+        if isinstance(value, str):
+            value = value.split(",")
+        try:
+            return tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--{name}: expected numbers 'min,max', got {value!r}") from None
+    if isinstance(default, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"--{name}: expected true or false, got {value!r}")
+    if isinstance(default, int):
+        if isinstance(value, bool):
+            raise ConfigError(f"--{name}: expected an integer, got {value!r}")
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--{name}: expected an integer, got {value!r}") from None
+        if number != value and not isinstance(value, str):
+            raise ConfigError(f"--{name}: expected an integer, got {value!r}")
+        return number
+    if isinstance(default, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"--{name}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--{name}: expected a number, got {value!r}") from None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"--{name}: expected a string, got {value!r}")
+    return value
+
+
 def _flag_definer(flags_module, field: dataclasses.Field):
     """The absl DEFINE_* function and default suited to one config field."""
     default = field.default
@@ -355,17 +417,32 @@ def define_flags(flag_values, config_cls=TrainConfig) -> None:
 
 def config_from_flags(flag_values, config_cls=TrainConfig):
     """Read the parsed flags once into a validated `config_cls` instance."""
-    values: dict[str, Any] = {}
-    for field in dataclasses.fields(config_cls):
-        value = flag_values[field.name].value
-        if isinstance(field.default, tuple):
-            try:
-                value = tuple(float(v) for v in value)
-            except ValueError:
-                raise ConfigError(
-                    f"--{field.name}: expected numbers 'min,max', got {value!r}"
-                ) from None
-        values[field.name] = value
-    config = config_cls(**values)
-    config.validate()
-    return config
+    return config_cls.from_dict(
+        {field.name: flag_values[field.name].value for field in dataclasses.fields(config_cls)}
+    )
+
+
+def flagfile_values(path: str, config_cls=TrainConfig) -> dict[str, Any]:
+    """{field: value} of the flags that the flagfile at `path` sets (nested `--flagfile`s
+    included), read by the same flag machinery as `scripts/train.py --flagfile=path`."""
+    from absl import flags
+
+    flag_values = flags.FlagValues()
+    define_flags(flag_values, config_cls)
+    try:
+        flag_values(["flagfile", f"--flagfile={path}"])
+    except flags.Error as error:
+        raise ConfigError(f"{path}: {error}") from None
+    return config_cls.coerce(
+        {
+            field.name: flag_values[field.name].value
+            for field in dataclasses.fields(config_cls)
+            if flag_values[field.name].present
+        }
+    )
+
+
+def config_from_flagfile(path: str, config_cls=TrainConfig, **overrides):
+    """The validated `config_cls` of a flagfile (e.g. `configs/tiny.cfg`): its defaults, then
+    the file's flags, then `overrides` (field values)."""
+    return config_cls.from_dict({**flagfile_values(path, config_cls), **overrides})

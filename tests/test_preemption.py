@@ -16,9 +16,8 @@ import tensorflow as tf
 from dino_keras.callbacks import NonFiniteLossError
 from dino_keras.checkpointing import TrainingCheckpoint
 from dino_keras.training import build_trainer, run_training
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, write_idx_dataset
 from tests.test_distribution import TINY_FLAGS, training_process
-from tests.tiny_runs import write_idx_dataset
 
 # 7 steps per epoch (60 images, batch 8), 3 epochs, a backup every 2 steps; drop path on, so
 # the random-generator state must survive the restart too.

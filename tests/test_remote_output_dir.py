@@ -11,8 +11,7 @@ from dino_keras import run_dir
 from dino_keras.checkpointing import TrainingCheckpoint
 from dino_keras.run_loading import RunLoadingError, load_backbone
 from dino_keras.training import run_training
-from tests.helpers import tiny_config
-from tests.tiny_runs import write_idx_dataset
+from tests.helpers import tiny_config, write_idx_dataset
 
 
 def all_files(directory):

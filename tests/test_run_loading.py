@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from dino_keras.run_loading import RunLoadingError, load_backbone, resolve_checkpoint
-from tests.tiny_runs import make_tiny_run
+from tests.helpers import make_tiny_run
 
 
 @pytest.fixture(scope="module")
