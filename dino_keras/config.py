@@ -3,8 +3,11 @@
 Every flag of `scripts/train.py` is a field of `TrainConfig`; the reference's flag names are
 kept for the same meaning. `define_flags` registers the fields as absl flags on the
 `FlagValues` it is given and `config_from_flags` reads them back once: no other module reads
-flags. `TrainConfig.validate` checks everything that can be checked before any work starts and
-names the offending flag.
+flags. `TrainConfig.from_dict` is the one way from values to a config, whatever their origin:
+parsed flags, a flagfile (`config_from_flagfile`), a run's config.json or the converter's
+explicit flags; it coerces them to the fields' types and refuses unknown keys by name.
+`TrainConfig.validate` checks everything that can be checked before any work starts and names
+the offending flag.
 """
 
 from __future__ import annotations

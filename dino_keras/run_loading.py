@@ -124,17 +124,8 @@ def read_run_config(run_dir: str) -> TrainConfig:
         raise RunLoadingError(f"{path} is not valid JSON: {error}") from error
     if not isinstance(saved, dict):
         raise RunLoadingError(f"{path} does not hold a JSON object")
-    fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(saved) - set(fields))
-    if unknown:
-        log.warning("%s: ignoring unknown settings %s", path, ", ".join(unknown))
-    values = {}
-    for name, value in saved.items():
-        if name in fields:
-            values[name] = tuple(value) if isinstance(fields[name].default, tuple) else value
     try:
-        config = TrainConfig(**values)
-        config.validate()
+        config = TrainConfig.from_dict(saved)
     except (ConfigError, TypeError, ValueError) as error:
         raise RunLoadingError(f"{path}: invalid configuration: {error}") from error
     return config

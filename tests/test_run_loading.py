@@ -65,6 +65,12 @@ def test_checkpoint_of_another_architecture_is_refused(run, tmp_path):
         json.dump({**config, "depth": 3}, f)
     with pytest.raises(RunLoadingError, match="missing from the checkpoint"):
         load_backbone(str(shallow))
+    # A config.json with a setting TrainConfig does not have: refused, naming the key.
+    with open(shallow / "config.json", "w") as f:
+        json.dump({**config, "no_such_setting": 1}, f)
+    with pytest.raises(RunLoadingError, match="--no_such_setting: unknown setting") as error:
+        load_backbone(str(shallow))
+    assert str(shallow / "config.json") in str(error.value)
 
 
 def test_missing_and_corrupt_checkpoints_and_configs(run, tmp_path):
