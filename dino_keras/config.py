@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +31,12 @@ OPTIMIZERS = ("adamw", "sgd", "lars")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 CENTERINGS = ("centering", "sinkhorn_knopp")
+
+
+# Former names of fields, still accepted: as deprecated flags (a one-line warning) and as keys
+# of the config.json of older runs. The reference's eval_knn.py names them --nb_knn and
+# --temperature, as scripts/eval_knn.py does.
+RENAMED_FIELDS = {"knn_k": "nb_knn", "knn_temperature": "temperature"}
 
 
 class ConfigError(ValueError):
@@ -163,8 +170,8 @@ class TrainConfig:
     eval_every: int = _field(
         1, "Evaluate k-NN every N epochs (and at epoch 0 and the end); 0: only at the ends."
     )
-    knn_k: int = _field(20, "Neighbours of the weighted k-NN evaluation.")
-    knn_temperature: float = _field(0.07, "Temperature of the weighted k-NN vote.")
+    nb_knn: int = _field(20, "Neighbours of the weighted k-NN evaluation.")
+    temperature: float = _field(0.07, "Temperature of the weighted k-NN vote.")
     eval_batch_size: int = _field(256, "Batch size of feature extraction for evaluation.")
 
     # ---------------------------------------------------------------- derived values
@@ -193,10 +200,17 @@ class TrainConfig:
         `ConfigError` naming the key for an unknown key or a value of the wrong kind."""
         fields = {field.name: field for field in dataclasses.fields(cls)}
         coerced = {}
-        for name, value in values.items():
+        for key, value in values.items():
+            name = RENAMED_FIELDS.get(key, key) if key not in fields else key
             if name not in fields:
-                raise ConfigError(f"--{name}: unknown setting (not a field of {cls.__name__})")
-            coerced[name] = _coerce_value(name, fields[name].default, value)
+                raise ConfigError(f"--{key}: unknown setting (not a field of {cls.__name__})")
+            value = _coerce_value(name, fields[name].default, value)
+            if name in coerced and coerced[name] != value:
+                raise ConfigError(
+                    f"--{key}={values[key]!r} conflicts with --{name}={coerced[name]!r}: "
+                    f"--{key} is the former name of --{name}; give only --{name}"
+                )
+            coerced[name] = value
         return coerced
 
     @classmethod
@@ -271,7 +285,7 @@ class TrainConfig:
             "patch_size",
             "saveckp_freq",
             "steps_per_execution",
-            "knn_k",
+            "nb_knn",
             "eval_batch_size",
         ):
             if getattr(self, name) <= 0:
@@ -306,7 +320,7 @@ class TrainConfig:
             fail("momentum_teacher", f"must be in [0, 1], got {self.momentum_teacher}")
         if not self.drop_path_rate < 1.0:
             fail("drop_path_rate", f"must be < 1, got {self.drop_path_rate}")
-        for name in ("teacher_temp", "warmup_teacher_temp", "knn_temperature"):
+        for name in ("teacher_temp", "warmup_teacher_temp", "temperature"):
             if getattr(self, name) <= 0:
                 fail(name, f"must be positive, got {getattr(self, name)}")
         if self.warmup_epochs > self.epochs:
@@ -416,6 +430,40 @@ def define_flags(flag_values, config_cls=TrainConfig) -> None:
     for field in dataclasses.fields(config_cls):
         define, default = _flag_definer(flags, field)
         define(field.name, default, field.metadata["help"], flag_values=flag_values)
+    for old, new in RENAMED_FIELDS.items():
+        if new in flag_values:
+            define_alias(flag_values, old, new)
+
+
+def define_alias(flag_values, old: str, new: str) -> None:
+    """`--old` as a deprecated alias of the defined flag `--new`: it sets `--new` (refused if
+    `--new` is given another value) and prints a one-line deprecation warning."""
+    from absl import flags
+
+    target = flag_values[new]
+    flags.DEFINE(
+        target.parser,
+        old,
+        None,
+        f"Deprecated alias of --{new}.",
+        flag_values=flag_values,
+        serializer=target.serializer,
+    )
+
+    def forward(value) -> bool:
+        if value is None:
+            return True
+        if target.present and target.value != value:
+            raise flags.ValidationError(
+                f"--{old} (deprecated) and --{new} disagree; give only --{new}"
+            )
+        if not target.present:
+            print(f"WARNING: --{old} is deprecated; use --{new}.", file=sys.stderr, flush=True)
+        target.value = value
+        target.present = 1
+        return True
+
+    flags.register_validator(old, forward, flag_values=flag_values)
 
 
 def config_from_flags(flag_values, config_cls=TrainConfig):

@@ -167,3 +167,26 @@ def test_config_from_flagfile_reads_the_tiny_config_with_overrides():
     assert (config.embed_dim, config.depth, config.local_crops_number) == (32, 3, 0)
     with pytest.raises(ConfigError, match="^--no_such_flag"):
         config_from_flagfile(path, no_such_flag=1)
+
+
+def test_former_flag_names_are_deprecated_aliases(capsys):
+    config = parse("--knn_k=5", "--knn_temperature=0.1")
+    assert (config.nb_knn, config.temperature) == (5, 0.1)
+    warnings = capsys.readouterr().err.splitlines()
+    assert "WARNING: --knn_k is deprecated; use --nb_knn." in warnings
+    assert "WARNING: --knn_temperature is deprecated; use --temperature." in warnings
+    assert parse("--knn_k=5", "--nb_knn=5").nb_knn == 5
+    with pytest.raises(flags.IllegalFlagValueError, match="give only --nb_knn"):
+        parse("--knn_k=5", "--nb_knn=7")
+    # Keys of an older run's config.json.
+    assert TrainConfig.from_dict({"knn_k": 7, "knn_temperature": 0.2}).nb_knn == 7
+
+
+def test_eval_scripts_limit_train_is_an_alias_of_limit_images(capsys):
+    from dino_keras.run_loading import define_eval_data_flags
+
+    flag_values = flags.FlagValues()
+    define_eval_data_flags(flag_values, "Training images.")
+    flag_values(["eval_knn.py", "--limit_train=16"])
+    assert flag_values.limit_images == 16
+    assert "--limit_train is deprecated; use --limit_images" in capsys.readouterr().err

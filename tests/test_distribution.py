@@ -24,7 +24,7 @@ TINY_FLAGS = [
     "--head_bottleneck_dim=32",
     "--warmup_epochs=0",
     "--eval_every=0",
-    "--knn_k=5",
+    "--nb_knn=5",
 ]
 
 

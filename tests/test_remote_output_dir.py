@@ -33,7 +33,7 @@ def test_run_on_ram_filesystem_writes_everything_and_resumes_from_its_backup(
         epochs=2,
         warmup_epochs=0,
         eval_every=0,
-        knn_k=5,
+        nb_knn=5,
         backup_every_steps=2,
         saveckp_freq=1,
         local_crops_number=0,
