@@ -189,7 +189,7 @@ def _run(config: TrainConfig, strategy, role: WorkerRole, extra_callbacks: list)
                 role.output_dir(config.output_dir), run_dir.CHECKPOINTS_DIR
             ),
         )
-        initial_step = checkpoint.restore()
+        initial_step = checkpoint.restore().step
     initial_epoch, skip_steps = divmod(initial_step, steps)
     if initial_step:
         say(

@@ -141,7 +141,7 @@ def test_non_finite_loss_names_the_step_and_keeps_the_checkpoint(tmp_path):
         str(checkpoint_dir), student=trainer.student, teacher=trainer.teacher,
         optimizer=trainer.optimizer, center=trainer.center,
     )
-    assert restored.restore() == 4
+    assert restored.restore().step == 4
     for variable in trainer.student.variables + trainer.teacher.variables:
         assert np.all(np.isfinite(variable.numpy())), variable.path
 
