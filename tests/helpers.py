@@ -73,17 +73,28 @@ def make_tiny_run(output_dir, *, teacher_offset_seed: int = 1, **overrides):
     return config, trainer.student, trainer.teacher
 
 
-def write_idx(folder, prefix: str, images: np.ndarray, labels: np.ndarray) -> str:
-    """MNIST-style gzipped idx files {prefix}-images-idx3-ubyte.gz and -labels-idx1-ubyte.gz
-    (a data source of scripts/train.py); returns `folder`."""
-    os.makedirs(folder, exist_ok=True)
+def write_idx(
+    folder, prefix: str, images: np.ndarray, labels: np.ndarray, *, gzipped: bool = True
+) -> str:
+    """MNIST-style idx files {prefix}-images-idx3-ubyte[.gz] and -labels-idx1-ubyte[.gz] (a
+    data source of scripts/train.py) in `folder`, any path `tf.io.gfile` writes (`ram://`
+    too); returns `folder`."""
+    import tensorflow as tf
+
+    folder = str(folder)
     images = np.asarray(images).astype(np.uint8)
     labels = np.asarray(labels).astype(np.uint8)
-    with gzip.open(os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz"), "wb") as f:
-        f.write(struct.pack(">IIII", 2051, *images.shape) + images.tobytes())
-    with gzip.open(os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz"), "wb") as f:
-        f.write(struct.pack(">II", 2049, len(labels)) + labels.tobytes())
-    return str(folder)
+    tf.io.gfile.makedirs(folder)
+    suffix = ".gz" if gzipped else ""
+    image_data = struct.pack(">IIII", 2051, *images.shape) + images.tobytes()
+    label_data = struct.pack(">II", 2049, len(labels)) + labels.tobytes()
+    for name, data in (
+        (f"{prefix}-images-idx3-ubyte", image_data),
+        (f"{prefix}-labels-idx1-ubyte", label_data),
+    ):
+        with tf.io.gfile.GFile(f"{folder}/{name}{suffix}", "wb") as f:
+            f.write(gzip.compress(data) if gzipped else data)
+    return folder
 
 
 def write_idx_dataset(folder, *, train: int = 60, test: int = 20, classes: int = 3, seed: int = 0):
