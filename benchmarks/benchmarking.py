@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 
-from dino_keras.config import ConfigError, TrainConfig
+from dino_keras.config import ConfigError, TrainConfig, config_from_flagfile, flagfile_values
 from dino_keras.hide_torch import hide_torch
 
 CASES = ("matmul_peak", "step", "reference_step", "pipeline", "reference_pipeline", "fit")
@@ -55,6 +55,19 @@ FLOP_CASES = ("step", "fit")
 IMAGE_HEIGHT, IMAGE_WIDTH = 375, 500
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_FLAGFILE = os.path.join(REPO_ROOT, "configs", "demo.cfg")
+# --short: the model and crops of the tests' tiny run with a smaller head, at batch 8.
+TINY_FLAGFILE = os.path.join(REPO_ROOT, "configs", "tiny.cfg")
+SHORT_FIELDS = (
+    "arch",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "patch_size",
+    "global_crops_size",
+    "local_crops_size",
+    "out_dim",
+    "batch_size_per_gpu",
+)
 
 # Defaults of the full run and of --short (steps, warmup, pipeline_batches, pipeline_warmup,
 # num_images, matmul_size, matmul_seconds).
@@ -183,19 +196,7 @@ class BenchmarkConfig:
         elif self.short:
             overrides["num_workers"] = 1
         if self.short:
-            overrides.update(
-                arch="vit_tiny",
-                embed_dim=32,
-                depth=2,
-                num_heads=2,
-                patch_size=4,
-                global_crops_size=28,
-                local_crops_size=12,
-                out_dim=64,
-                head_hidden_dim=64,
-                head_bottleneck_dim=32,
-                batch_size_per_gpu=8,
-            )
+            overrides.update(_tiny_model(), head_hidden_dim=64, head_bottleneck_dim=32)
         config = dataclasses.replace(config, **overrides)
         try:
             config.validate()
@@ -206,16 +207,17 @@ class BenchmarkConfig:
 
 def _demo_config() -> TrainConfig:
     """configs/demo.cfg read by the same flag machinery as scripts/train.py."""
-    from absl import flags
-
-    from dino_keras.config import config_from_flags, define_flags
-
     if not os.path.isfile(DEMO_FLAGFILE):
         raise BenchmarkError(f"--recipe=demo: {DEMO_FLAGFILE} does not exist")
-    flag_values = flags.FlagValues()
-    define_flags(flag_values, TrainConfig)
-    flag_values(["benchmark", f"--flagfile={DEMO_FLAGFILE}"])
-    return config_from_flags(flag_values, TrainConfig)
+    return config_from_flagfile(DEMO_FLAGFILE)
+
+
+def _tiny_model() -> dict:
+    """{field: value} of configs/tiny.cfg's `SHORT_FIELDS`."""
+    if not os.path.isfile(TINY_FLAGFILE):
+        raise BenchmarkError(f"--short: {TINY_FLAGFILE} does not exist")
+    tiny = flagfile_values(TINY_FLAGFILE)
+    return {name: tiny[name] for name in SHORT_FIELDS}
 
 
 # --------------------------------------------------------------------------- #

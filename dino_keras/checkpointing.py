@@ -17,6 +17,7 @@ renames and deletes with `tf.io.gfile`), so the directory may be remote (`gs://.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import tensorflow as tf
 
@@ -85,6 +86,14 @@ def _saved_step(path: str) -> int:
         return -1
 
 
+class Restored(NamedTuple):
+    """What `TrainingCheckpoint.restore` restored."""
+
+    epoch: int  # completed epochs of the checkpoint (a backup: those before its epoch)
+    step: int  # optimiser steps taken
+    path: str | None  # the checkpoint prefix; None: no checkpoint, a fresh run
+
+
 class TrainingCheckpoint:
     """Epoch checkpoints and step backups of a run.
 
@@ -132,20 +141,20 @@ class TrainingCheckpoint:
         ]
         return [path for path in paths if path]
 
-    def restore(self) -> int:
-        """Restores the most advanced checkpoint of the run; returns its step (0 if none)."""
+    def restore(self) -> Restored:
+        """Restores the most advanced checkpoint of the run (the latest epoch checkpoint or
+        the backup); returns where it stands (`Restored(0, 0, None)` if there is none)."""
         candidates = self.candidates()
         if not candidates:
-            return 0
+            return Restored(epoch=0, step=0, path=None)
         path = max(candidates, key=_saved_step)  # ties: the epoch checkpoint (listed first)
         self.checkpoint.restore(path).assert_existing_objects_matched()
         self.restored_path = path
-        return int(self.optimizer.iterations.numpy())
-
-    def restore_latest(self) -> int:
-        """Restores the most advanced checkpoint; returns the epoch it belongs to (0 if none)."""
-        self.restore()
-        return int(self.epoch.numpy())
+        return Restored(
+            epoch=int(self.epoch.numpy()),
+            step=int(self.optimizer.iterations.numpy()),
+            path=path,
+        )
 
     def save(self, epoch: int, keep: bool = False) -> str:
         self.epoch.assign(epoch)

@@ -3,8 +3,11 @@
 Every flag of `scripts/train.py` is a field of `TrainConfig`; the reference's flag names are
 kept for the same meaning. `define_flags` registers the fields as absl flags on the
 `FlagValues` it is given and `config_from_flags` reads them back once: no other module reads
-flags. `TrainConfig.validate` checks everything that can be checked before any work starts and
-names the offending flag.
+flags. `TrainConfig.from_dict` is the one way from values to a config, whatever their origin:
+parsed flags, a flagfile (`config_from_flagfile`), a run's config.json or the converter's
+explicit flags; it coerces them to the fields' types and refuses unknown keys by name.
+`TrainConfig.validate` checks everything that can be checked before any work starts and names
+the offending flag.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
+from collections.abc import Mapping
 from typing import Any
 
 VIT_ARCHS = {
@@ -26,6 +31,12 @@ OPTIMIZERS = ("adamw", "sgd", "lars")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 CENTERINGS = ("centering", "sinkhorn_knopp")
+
+
+# Former names of fields, still accepted: as deprecated flags (a one-line warning) and as keys
+# of the config.json of older runs. The reference's eval_knn.py names them --nb_knn and
+# --temperature, as scripts/eval_knn.py does.
+RENAMED_FIELDS = {"knn_k": "nb_knn", "knn_temperature": "temperature"}
 
 
 class ConfigError(ValueError):
@@ -159,8 +170,8 @@ class TrainConfig:
     eval_every: int = _field(
         1, "Evaluate k-NN every N epochs (and at epoch 0 and the end); 0: only at the ends."
     )
-    knn_k: int = _field(20, "Neighbours of the weighted k-NN evaluation.")
-    knn_temperature: float = _field(0.07, "Temperature of the weighted k-NN vote.")
+    nb_knn: int = _field(20, "Neighbours of the weighted k-NN evaluation.")
+    temperature: float = _field(0.07, "Temperature of the weighted k-NN vote.")
     eval_batch_size: int = _field(256, "Batch size of feature extraction for evaluation.")
 
     # ---------------------------------------------------------------- derived values
@@ -181,6 +192,35 @@ class TrainConfig:
     @property
     def checkpoint_dir(self) -> str:
         return os.path.join(self.output_dir, "checkpoints")
+
+    @classmethod
+    def coerce(cls, values: Mapping[str, Any]) -> dict[str, Any]:
+        """`values` (from flags, a run's config.json or explicit overrides) as field values:
+        'min,max' ranges as tuples of floats, numbers and booleans of the field's type. Raises
+        `ConfigError` naming the key for an unknown key or a value of the wrong kind."""
+        fields = {field.name: field for field in dataclasses.fields(cls)}
+        coerced = {}
+        for key, value in values.items():
+            name = RENAMED_FIELDS.get(key, key) if key not in fields else key
+            if name not in fields:
+                raise ConfigError(f"--{key}: unknown setting (not a field of {cls.__name__})")
+            value = _coerce_value(name, fields[name].default, value)
+            if name in coerced and coerced[name] != value:
+                raise ConfigError(
+                    f"--{key}={values[key]!r} conflicts with --{name}={coerced[name]!r}: "
+                    f"--{key} is the former name of --{name}; give only --{name}"
+                )
+            coerced[name] = value
+        return coerced
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], *, validate: bool = True):
+        """The config of `values` (missing keys keep their defaults), coerced by `coerce` and
+        validated: the one way from flags, config.json or overrides to a `TrainConfig`."""
+        config = cls(**cls.coerce(values))
+        if validate:
+            config.validate()
+        return config
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -245,7 +285,7 @@ class TrainConfig:
             "patch_size",
             "saveckp_freq",
             "steps_per_execution",
-            "knn_k",
+            "nb_knn",
             "eval_batch_size",
         ):
             if getattr(self, name) <= 0:
@@ -280,7 +320,7 @@ class TrainConfig:
             fail("momentum_teacher", f"must be in [0, 1], got {self.momentum_teacher}")
         if not self.drop_path_rate < 1.0:
             fail("drop_path_rate", f"must be < 1, got {self.drop_path_rate}")
-        for name in ("teacher_temp", "warmup_teacher_temp", "knn_temperature"):
+        for name in ("teacher_temp", "warmup_teacher_temp", "temperature"):
             if getattr(self, name) <= 0:
                 fail(name, f"must be positive, got {getattr(self, name)}")
         if self.warmup_epochs > self.epochs:
@@ -330,6 +370,45 @@ class TrainConfig:
             fail("output_dir", "is empty")
 
 
+def _coerce_value(name: str, default, value):
+    """`value` as the type of the field `name` whose default is `default`."""
+    if isinstance(default, tuple):
+        if isinstance(value, str):
+            value = value.split(",")
+        try:
+            return tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--{name}: expected numbers 'min,max', got {value!r}") from None
+    if isinstance(default, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"--{name}: expected true or false, got {value!r}")
+    if isinstance(default, int):
+        if isinstance(value, bool):
+            raise ConfigError(f"--{name}: expected an integer, got {value!r}")
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--{name}: expected an integer, got {value!r}") from None
+        if number != value and not isinstance(value, str):
+            raise ConfigError(f"--{name}: expected an integer, got {value!r}")
+        return number
+    if isinstance(default, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"--{name}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--{name}: expected a number, got {value!r}") from None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"--{name}: expected a string, got {value!r}")
+    return value
+
+
 def _flag_definer(flags_module, field: dataclasses.Field):
     """The absl DEFINE_* function and default suited to one config field."""
     default = field.default
@@ -351,21 +430,70 @@ def define_flags(flag_values, config_cls=TrainConfig) -> None:
     for field in dataclasses.fields(config_cls):
         define, default = _flag_definer(flags, field)
         define(field.name, default, field.metadata["help"], flag_values=flag_values)
+    for old, new in RENAMED_FIELDS.items():
+        if new in flag_values:
+            define_alias(flag_values, old, new)
+
+
+def define_alias(flag_values, old: str, new: str) -> None:
+    """`--old` as a deprecated alias of the defined flag `--new`: it sets `--new` (refused if
+    `--new` is given another value) and prints a one-line deprecation warning."""
+    from absl import flags
+
+    target = flag_values[new]
+    flags.DEFINE(
+        target.parser,
+        old,
+        None,
+        f"Deprecated alias of --{new}.",
+        flag_values=flag_values,
+        serializer=target.serializer,
+    )
+
+    def forward(value) -> bool:
+        if value is None:
+            return True
+        if target.present and target.value != value:
+            raise flags.ValidationError(
+                f"--{old} (deprecated) and --{new} disagree; give only --{new}"
+            )
+        if not target.present:
+            print(f"WARNING: --{old} is deprecated; use --{new}.", file=sys.stderr, flush=True)
+        target.value = value
+        target.present = 1
+        return True
+
+    flags.register_validator(old, forward, flag_values=flag_values)
 
 
 def config_from_flags(flag_values, config_cls=TrainConfig):
     """Read the parsed flags once into a validated `config_cls` instance."""
-    values: dict[str, Any] = {}
-    for field in dataclasses.fields(config_cls):
-        value = flag_values[field.name].value
-        if isinstance(field.default, tuple):
-            try:
-                value = tuple(float(v) for v in value)
-            except ValueError:
-                raise ConfigError(
-                    f"--{field.name}: expected numbers 'min,max', got {value!r}"
-                ) from None
-        values[field.name] = value
-    config = config_cls(**values)
-    config.validate()
-    return config
+    return config_cls.from_dict(
+        {field.name: flag_values[field.name].value for field in dataclasses.fields(config_cls)}
+    )
+
+
+def flagfile_values(path: str, config_cls=TrainConfig) -> dict[str, Any]:
+    """{field: value} of the flags that the flagfile at `path` sets (nested `--flagfile`s
+    included), read by the same flag machinery as `scripts/train.py --flagfile=path`."""
+    from absl import flags
+
+    flag_values = flags.FlagValues()
+    define_flags(flag_values, config_cls)
+    try:
+        flag_values(["flagfile", f"--flagfile={path}"])
+    except flags.Error as error:
+        raise ConfigError(f"{path}: {error}") from None
+    return config_cls.coerce(
+        {
+            field.name: flag_values[field.name].value
+            for field in dataclasses.fields(config_cls)
+            if flag_values[field.name].present
+        }
+    )
+
+
+def config_from_flagfile(path: str, config_cls=TrainConfig, **overrides):
+    """The validated `config_cls` of a flagfile (e.g. `configs/tiny.cfg`): its defaults, then
+    the file's flags, then `overrides` (field values)."""
+    return config_cls.from_dict({**flagfile_values(path, config_cls), **overrides})

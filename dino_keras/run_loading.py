@@ -24,7 +24,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from dino_keras.checkpointing import NetworkVariables, network_checkpoint
-from dino_keras.config import ConfigError, TrainConfig
+from dino_keras.config import ConfigError, TrainConfig, define_alias
 from dino_keras.models.factory import build_student_and_teacher
 from dino_keras.run_dir import (
     CHECKPOINTS_DIR,
@@ -124,17 +124,8 @@ def read_run_config(run_dir: str) -> TrainConfig:
         raise RunLoadingError(f"{path} is not valid JSON: {error}") from error
     if not isinstance(saved, dict):
         raise RunLoadingError(f"{path} does not hold a JSON object")
-    fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(saved) - set(fields))
-    if unknown:
-        log.warning("%s: ignoring unknown settings %s", path, ", ".join(unknown))
-    values = {}
-    for name, value in saved.items():
-        if name in fields:
-            values[name] = tuple(value) if isinstance(fields[name].default, tuple) else value
     try:
-        config = TrainConfig(**values)
-        config.validate()
+        config = TrainConfig.from_dict(saved)
     except (ConfigError, TypeError, ValueError) as error:
         raise RunLoadingError(f"{path}: invalid configuration: {error}") from error
     return config
@@ -287,11 +278,12 @@ def define_eval_data_flags(flag_values, data_path_help: str) -> None:
         "tfds_data_dir", "", "TFDS data directory for 'tfds:' data paths.", flag_values=flag_values
     )
     flags.DEFINE_integer(
-        "limit_train",
+        "limit_images",
         0,
         "Use only the first N training images; 0 uses all.",
         flag_values=flag_values,
     )
+    define_alias(flag_values, "limit_train", "limit_images")
     flags.DEFINE_integer(
         "limit_test", 0, "Use only the first N test images; 0 uses all.", flag_values=flag_values
     )
@@ -302,7 +294,7 @@ def resolve_eval_sources(
     eval_data_path: str = "",
     *,
     tfds_data_dir: str = "",
-    limit_train: int = 0,
+    limit_images: int = 0,
     limit_test: int = 0,
 ):
     """(train source, test source) for k-NN / linear evaluation: the train split of
@@ -315,7 +307,7 @@ def resolve_eval_sources(
         data_path,
         "train",
         tfds_data_dir=tfds_data_dir or None,
-        limit_images=limit_train or None,
+        limit_images=limit_images or None,
         flag_name="--data_path",
     )
     flag = "--eval_data_path" if eval_data_path else "--data_path"

@@ -189,7 +189,7 @@ def _run(config: TrainConfig, strategy, role: WorkerRole, extra_callbacks: list)
                 role.output_dir(config.output_dir), run_dir.CHECKPOINTS_DIR
             ),
         )
-        initial_step = checkpoint.restore()
+        initial_step = checkpoint.restore().step
     initial_epoch, skip_steps = divmod(initial_step, steps)
     if initial_step:
         say(
@@ -209,8 +209,8 @@ def _run(config: TrainConfig, strategy, role: WorkerRole, extra_callbacks: list)
                 eval_source, image_size=config.global_crops_size, batch_size=config.eval_batch_size
             ),
             num_classes=max(train_source.num_classes, eval_source.num_classes),
-            k=config.knn_k,
-            temperature=config.knn_temperature,
+            k=config.nb_knn,
+            temperature=config.temperature,
             strategy=strategy if replicas > 1 else None,
         )
         knn = cbs.KnnEvaluation(
@@ -218,7 +218,7 @@ def _run(config: TrainConfig, strategy, role: WorkerRole, extra_callbacks: list)
             run_log,
             config.eval_every,
             config.epochs,
-            config.knn_k,
+            config.nb_knn,
             evaluate_at_start=initial_step == 0,
             verbose=role.is_chief,
         )
@@ -307,7 +307,7 @@ def summarize(
     summary = {
         "epochs_completed": int(checkpoint.epoch.numpy()),
         "final_loss": trained[-1]["loss"] if trained else None,
-        "knn_k": config.knn_k,
+        "nb_knn": config.nb_knn,
         "knn_top1_initial": knn_records[0]["knn_top1"]
         if knn_records and knn_records[0]["epoch"] == 0
         else None,

@@ -67,10 +67,7 @@ def explicit_overrides(flag_values) -> dict:
         flag = flag_values[field.name]
         if not flag.present or field.name == "output_dir":
             continue
-        value = flag.value
-        if isinstance(field.default, tuple):
-            value = tuple(float(v) for v in value)
-        overrides[field.name] = value
+        overrides[field.name] = flag.value  # coerced by TrainConfig.from_dict
     return overrides
 
 

@@ -147,7 +147,7 @@ def run(flag_values) -> dict:
         flag_values.data_path,
         flag_values.eval_data_path,
         tfds_data_dir=flag_values.tfds_data_dir,
-        limit_train=flag_values.limit_train,
+        limit_images=flag_values.limit_images,
         limit_test=flag_values.limit_test,
     )
     results = {

@@ -156,7 +156,7 @@ class ImageSet:
     """A labelled set in memory: per split, uint8 [N, H, W] images and int64 [N] labels.
 
     (A plain class, not a dataclass: dataclasses need the module in sys.modules, which a script
-    loaded with importlib, as tests/tiny_runs.py's `load_script` does, is not.)
+    loaded with importlib, as tests/helpers.py's `load_script` does, is not.)
     """
 
     def __init__(self, name: str, class_names, images: dict, labels: dict, source: dict):

@@ -1,29 +1,147 @@
-"""Shared by the tests: the tiny configuration (2 blocks, width 32) and the layer test."""
+"""The one test helper module: the tiny configuration, tiny runs, data, scripts, layer test.
 
-from dino_keras.config import TrainConfig
+* `tiny_config` is `configs/tiny.cfg` (a 2-block, 32-wide ViT; shared with
+  `benchmarks/benchmark.py --short`) with per-test overrides; `TINY` holds the file's values.
+* `make_tiny_run` writes a tiny training-run directory (config.json + checkpoints/latest-1).
+  No training: the networks are built as training builds them, the teacher is moved away from
+  the student (as an EMA would) and saved.
+* `write_idx` writes MNIST-style idx files, `write_idx_dataset` a small labelled idx data set.
+* `load_script` / `run_script` run a scripts/*.py absl app in-process on fresh flags,
+  `run_script_process` as a command.
+* `run_layer_test` is keras-hub's layer test for a dino_keras layer.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+
+from dino_keras.config import TrainConfig, config_from_flagfile, flagfile_values
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_FLAGFILE = os.path.join(REPO_ROOT, "configs", "tiny.cfg")
+# {field: value} of configs/tiny.cfg.
+TINY = flagfile_values(TINY_FLAGFILE)
 
 
 def tiny_config(**overrides) -> TrainConfig:
+    """configs/tiny.cfg with `overrides`, validated."""
+    return config_from_flagfile(TINY_FLAGFILE, **overrides)
+
+
+def tiny_values(*names: str) -> dict:
+    """{name: value} of configs/tiny.cfg for `names`."""
+    return {name: TINY[name] for name in names}
+
+
+def make_tiny_run(output_dir, *, teacher_offset_seed: int = 1, **overrides):
+    """Writes a run to `output_dir`; returns (config, student, teacher)."""
     values = dict(
-        arch="vit_tiny",
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-        patch_size=4,
-        global_crops_size=28,
-        local_crops_size=12,
-        local_crops_number=2,
-        out_dim=64,
-        batch_size_per_gpu=8,
-        epochs=2,
-        warmup_epochs=1,
-        drop_path_rate=0.0,
-        verbose=0,
+        output_dir=str(output_dir),
+        head_hidden_dim=64,
+        head_bottleneck_dim=32,
+        local_crops_number=0,
+        drop_path_rate=0.1,
+        epochs=1,
+        warmup_epochs=0,
     )
     values.update(overrides)
-    config = TrainConfig(**values)
-    config.validate()
-    return config
+    config = tiny_config(**values)
+    from dino_keras.checkpointing import TrainingCheckpoint, check_or_write_run_config
+    from dino_keras.training import build_trainer
+
+    trainer = build_trainer(config, steps=1, global_batch=config.batch_size_per_gpu)
+    rng = np.random.default_rng(teacher_offset_seed)
+    for variable in trainer.teacher.variables:
+        if variable.dtype == "float32":
+            noise = rng.standard_normal(variable.shape).astype(np.float32)
+            variable.assign(variable + 0.05 * noise)
+    check_or_write_run_config(config)
+    TrainingCheckpoint(
+        config.checkpoint_dir,
+        student=trainer.student,
+        teacher=trainer.teacher,
+        optimizer=trainer.optimizer,
+        center=trainer.center,
+    ).save(1)
+    return config, trainer.student, trainer.teacher
+
+
+def write_idx(
+    folder, prefix: str, images: np.ndarray, labels: np.ndarray, *, gzipped: bool = True
+) -> str:
+    """MNIST-style idx files {prefix}-images-idx3-ubyte[.gz] and -labels-idx1-ubyte[.gz] (a
+    data source of scripts/train.py) in `folder`, any path `tf.io.gfile` writes (`ram://`
+    too); returns `folder`."""
+    import tensorflow as tf
+
+    folder = str(folder)
+    images = np.asarray(images).astype(np.uint8)
+    labels = np.asarray(labels).astype(np.uint8)
+    tf.io.gfile.makedirs(folder)
+    suffix = ".gz" if gzipped else ""
+    image_data = struct.pack(">IIII", 2051, *images.shape) + images.tobytes()
+    label_data = struct.pack(">II", 2049, len(labels)) + labels.tobytes()
+    for name, data in (
+        (f"{prefix}-images-idx3-ubyte", image_data),
+        (f"{prefix}-labels-idx1-ubyte", label_data),
+    ):
+        with tf.io.gfile.GFile(f"{folder}/{name}{suffix}", "wb") as f:
+            f.write(gzip.compress(data) if gzipped else data)
+    return folder
+
+
+def write_idx_dataset(folder, *, train: int = 60, test: int = 20, classes: int = 3, seed: int = 0):
+    """MNIST-style idx files of 28x28 images whose brightness pattern depends on the class."""
+    rng = np.random.default_rng(seed)
+    for prefix, count in (("train", train), ("t10k", test)):
+        labels = np.arange(count) % classes
+        rows = np.arange(28)[None, :, None]
+        images = (
+            rng.integers(0, 60, (count, 28, 28)) + 180 * ((rows // 10) == labels[:, None, None])
+        ).astype(np.uint8)
+        write_idx(folder, prefix, images, labels)
+    return str(folder)
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (its flags are not defined until `define_flags`)."""
+    spec = importlib.util.spec_from_file_location(
+        f"script_{name}", os.path.join(REPO_ROOT, "scripts", f"{name}.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(name: str, *args: str):
+    """`run(flags)` of scripts/<name>.py with `args` parsed on a fresh FlagValues."""
+    from absl import flags
+
+    module = load_script(name)
+    flag_values = flags.FlagValues()
+    module.define_flags(flag_values)
+    flag_values([name, *args])
+    return module.run(flag_values)
+
+
+def run_script_process(name: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
+    """scripts/<name>.py as a command, the way a user runs it."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "scripts", f"{name}.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=cwd,
+    )
 
 
 def run_layer_test(layer_class, init_kwargs: dict, input_shape: tuple, save_dir,

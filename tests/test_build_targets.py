@@ -2,8 +2,10 @@
 
 Plain pytest, no Bazel needed. BUILD is Starlark, whose syntax is a subset of
 Python's, so it is parsed with `ast` and its attributes are evaluated (string and
-list literals, `+`, top-level constants and `glob()`). The check fails, naming the
-file, when
+list literals, `+`, `%`, top-level constants and `glob()`). Macros loaded from a .bzl
+file of the repository (`dino_py_test` of tools/bazel/defs.bzl) are expanded as that
+file defines them: a macro whose body is one `native.<rule>(...)` call becomes that
+rule's target. The check fails, naming the file, when
 
 * a `dino_keras/**/*.py` file is not in the `srcs` of any `py_library`,
 * a `scripts/*.py` file has no `py_binary` (with `main` = that file),
@@ -38,14 +40,14 @@ REPO_ROOT = Path(__file__).absolute().parent.parent
 PYTEST_RUNNER = "tools/bazel/pytest_runner.py"
 PYTEST_RUNNER_LABEL = "//tools/bazel:pytest_runner.py"
 LIBRARY_LABEL = ":dino_keras"
-TEST_SUPPORT_LABEL = ":test_support"
 CONFIGS_LABEL = ":configs"
 PACKAGE_DIRS = ("dino_keras", "scripts", "tests", "configs")
 BUILD_FILE_NAMES = ("BUILD", "BUILD.bazel")
 
 _MAKE_VAR = re.compile(r"\$\((?:rootpaths?|locations?|execpaths?)\s+([^)\s]+)\)")
 _SKIP_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache"}
-_IGNORED_CALLS = {"load", "package", "exports_files", "licenses", "workspace"}
+_IGNORED_CALLS = {"package", "exports_files", "licenses", "workspace"}
+TEST_MACRO = "dino_py_test"
 
 
 class Unsupported(Exception):
@@ -156,6 +158,11 @@ def _evaluate(node: ast.AST, env: dict, root: Path):
         raise Unsupported(f"unknown name {node.id!r}")
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
         return _evaluate(node.left, env, root) + _evaluate(node.right, env, root)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mod):
+        left = _evaluate(node.left, env, root)
+        if not isinstance(left, str):
+            raise Unsupported(ast.unparse(node))
+        return left % _evaluate(node.right, env, root)
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "glob":
         args = [_evaluate(a, env, root) for a in node.args]
         kwargs = {kw.arg: _evaluate(kw.value, env, root) for kw in node.keywords}
@@ -163,6 +170,77 @@ def _evaluate(node: ast.AST, env: dict, root: Path):
         exclude = args[1] if len(args) > 1 else kwargs.get("exclude", [])
         return glob_files(root, include, exclude)
     raise Unsupported(ast.unparse(node))
+
+
+@dataclasses.dataclass
+class Macro:
+    """A .bzl function whose body is one `native.<rule>(...)` call."""
+
+    rule: str
+    params: list[str]
+    defaults: dict
+    keywords: list[ast.keyword]
+    env: dict  # the .bzl file's top-level constants
+    where: str
+
+    def expand(self, attrs: dict, root: Path) -> dict:
+        unknown = sorted(set(attrs) - set(self.params))
+        if unknown:
+            raise Unsupported(f"{self.where} has no parameter {', '.join(unknown)}")
+        missing = [p for p in self.params if p not in attrs and p not in self.defaults]
+        if missing:
+            raise Unsupported(f"{self.where} needs {', '.join(missing)}")
+        local = {**self.env, **self.defaults, **attrs}
+        return {kw.arg: _evaluate(kw.value, local, root) for kw in self.keywords}
+
+
+def load_macros(root: Path, label: str, names: list[str]) -> tuple[dict[str, Macro], list[str]]:
+    """The macros `names` of the .bzl file `label` (a file of this repository)."""
+    rel = label_to_path(label)
+    if rel is None or not (root / rel).is_file():
+        return {}, [f"BUILD: load() of {label}: {rel} does not exist"]
+    tree = ast.parse((root / rel).read_text(), filename=rel)
+    env: dict = {}
+    macros: dict[str, Macro] = {}
+    problems: list[str] = []
+    for stmt in tree.body:
+        if isinstance(stmt, ast.Assign) and all(isinstance(t, ast.Name) for t in stmt.targets):
+            try:
+                value = _evaluate(stmt.value, env, root)
+            except Unsupported:
+                continue
+            for t in stmt.targets:
+                env[t.id] = value
+        elif isinstance(stmt, ast.FunctionDef) and stmt.name in names:
+            calls = [
+                s.value
+                for s in stmt.body
+                if isinstance(s, ast.Expr)
+                and isinstance(s.value, ast.Call)
+                and isinstance(s.value.func, ast.Attribute)
+                and isinstance(s.value.func.value, ast.Name)
+                and s.value.func.value.id == "native"
+            ]
+            where = f"{rel}:{stmt.lineno}: {stmt.name}"
+            if len(calls) != 1:
+                problems.append(f"{where}: expected one native.<rule>(...) call in its body")
+                continue
+            params = [a.arg for a in stmt.args.args]
+            defaults = dict(
+                zip(
+                    params[len(params) - len(stmt.args.defaults) :],
+                    [_evaluate(d, env, root) for d in stmt.args.defaults],
+                    strict=True,
+                )
+            )
+            macros[stmt.name] = Macro(
+                calls[0].func.attr, params, defaults, calls[0].keywords, env, where
+            )
+    defined = {s.name for s in tree.body if isinstance(s, ast.FunctionDef)}
+    for name in names:
+        if name not in defined:
+            problems.append(f"BUILD: load() of {label}: {rel} defines no macro {name!r}")
+    return macros, problems
 
 
 def parse_build(root: Path) -> tuple[list[Target], list[str]]:
@@ -174,6 +252,7 @@ def parse_build(root: Path) -> tuple[list[Target], list[str]]:
     env: dict = {}
     targets: list[Target] = []
     problems: list[str] = []
+    macros: dict[str, Macro] = {}
     for stmt in tree.body:
         if isinstance(stmt, ast.Assign) and all(isinstance(t, ast.Name) for t in stmt.targets):
             try:
@@ -186,6 +265,16 @@ def parse_build(root: Path) -> tuple[list[Target], list[str]]:
         elif isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call):
             call = stmt.value
             if not isinstance(call.func, ast.Name) or call.func.id in _IGNORED_CALLS:
+                continue
+            if call.func.id == "load":
+                try:
+                    label, *names = [_evaluate(a, env, root) for a in call.args]
+                except Unsupported as err:
+                    problems.append(f"BUILD:{stmt.lineno}: cannot evaluate load() {err}")
+                    continue
+                loaded, load_problems = load_macros(root, label, names)
+                macros.update(loaded)
+                problems += load_problems
                 continue
             attrs = {}
             for kw in call.keywords:
@@ -203,7 +292,15 @@ def parse_build(root: Path) -> tuple[list[Target], list[str]]:
             if not isinstance(name, str):
                 problems.append(f"BUILD:{stmt.lineno}: {call.func.id}() without a literal name")
                 continue
-            targets.append(Target(call.func.id, name, attrs, stmt.lineno))
+            rule = call.func.id
+            if rule in macros:
+                try:
+                    attrs = macros[rule].expand(attrs, root)
+                except Unsupported as err:
+                    problems.append(f"BUILD:{stmt.lineno}: {rule}({name!r}): {err}")
+                    continue
+                rule = macros[rule].rule
+            targets.append(Target(rule, name, attrs, stmt.lineno))
         elif not isinstance(stmt, ast.Expr):  # docstrings/comments are fine
             problems.append(f"BUILD:{stmt.lineno}: unsupported statement {type(stmt).__name__}")
     return targets, problems
@@ -265,21 +362,14 @@ def snippet_for(root: Path, rel: str) -> str:
             f'    deps = ["{LIBRARY_LABEL}"],\n'
             ")\n"
         )
-    slow = uses_slow_mark(root / rel)
     lines = [
-        "py_test(",
+        f"{TEST_MACRO}(",
         f'    name = "{target_name_for(rel)}",',
-        f'    size = "{"large" if slow else "medium"}",',
-        "    srcs = [",
-        f'        "{rel}",',
-        f'        "{PYTEST_RUNNER_LABEL}",',
-        "    ],",
-        f'    args = ["$(rootpath {rel})"],',
-        f'    main = "{PYTEST_RUNNER_LABEL}",',
+        f'    src = "{rel}",',
     ]
-    if slow:
-        lines.append('    tags = ["slow"],')
-    lines += [f'    deps = ["{LIBRARY_LABEL}", "{TEST_SUPPORT_LABEL}"],', ")", ""]
+    if uses_slow_mark(root / rel):
+        lines += ['    size = "large",', '    tags = ["slow"],']
+    lines += [")", ""]
     return "\n".join(lines)
 
 
@@ -412,6 +502,7 @@ def _write(root: Path, files: dict[str, str]) -> None:
 
 
 _FAKE_BUILD = """
+load("//tools/bazel:defs.bzl", "dino_py_test")
 py_library(name = "dino_keras", srcs = glob(["dino_keras/**/*.py"]), imports = ["."])
 py_library(name = "test_support", srcs = glob(["tests/conftest.py"], allow_empty = True))
 filegroup(name = "configs", srcs = glob(["configs/*.cfg"]))
@@ -433,6 +524,9 @@ py_test(
 """
 
 
+MACRO_FILE = "tools/bazel/defs.bzl"
+
+
 @pytest.fixture
 def fake_tree(tmp_path: Path) -> Path:
     _write(
@@ -440,6 +534,8 @@ def fake_tree(tmp_path: Path) -> Path:
         {
             "BUILD": _FAKE_BUILD,
             "tools/bazel/pytest_runner.py": "",
+            "tools/bazel/BUILD": "",
+            MACRO_FILE: (REPO_ROOT / MACRO_FILE).read_text(),
             "dino_keras/__init__.py": "",
             "dino_keras/models/vit.py": "",
             "scripts/train.py": "",
@@ -462,10 +558,46 @@ def test_reports_missing_py_test(fake_tree: Path):
     assert missing == ["tests/models/test_vit.py"]
     snippet = snippet_for(fake_tree, "tests/models/test_vit.py")
     assert 'name = "models_test_vit"' in snippet
-    assert 'args = ["$(rootpath tests/models/test_vit.py)"]' in snippet
+    assert snippet.startswith("dino_py_test(") and 'src = "tests/models/test_vit.py"' in snippet
     # The suggested snippet really fixes it.
     (fake_tree / "BUILD").write_text(_FAKE_BUILD + snippet)
     assert check_build(fake_tree) == ([], [])
+
+
+def test_macro_expands_as_defs_bzl_defines_it(fake_tree: Path):
+    build = (fake_tree / "BUILD").read_text()
+    slow_test = "import pytest\n\n@pytest.mark.slow\ndef test_x():\n    pass\n"
+    _write(fake_tree, {"tests/models/test_vit.py": slow_test})
+    macro_call = (
+        'dino_py_test(name = "models_test_vit", src = "tests/models/test_vit.py", '
+        'size = "large", data = ["scripts/train.py"], deps = [":configs"], tags = ["slow"])\n'
+    )
+    (fake_tree / "BUILD").write_text(build + macro_call)
+    assert check_build(fake_tree) == ([], [])
+    targets, _ = parse_build(fake_tree)
+    vit = next(t for t in targets if t.name == "models_test_vit")
+    assert vit.rule == "py_test"
+    assert vit.attrs == {
+        "name": "models_test_vit",
+        "size": "large",
+        "srcs": ["tests/models/test_vit.py", PYTEST_RUNNER_LABEL],
+        "args": ["$(rootpath tests/models/test_vit.py)"],
+        "data": ["scripts/train.py"],
+        "main": PYTEST_RUNNER_LABEL,
+        "tags": ["slow"],
+        "deps": [":dino_keras", ":test_support", ":configs"],
+    }
+    # The checks apply to the expanded target: a slow file needs size and tags.
+    (fake_tree / "BUILD").write_text(build + macro_call.replace(', tags = ["slow"]', ""))
+    assert check_build(fake_tree)[0] == [
+        "tests/models/test_vit.py: uses pytest.mark.slow, so py_test 'models_test_vit' needs "
+        'tags = ["slow"]'
+    ]
+    # A parameter the macro does not have, or a macro the .bzl file does not define.
+    (fake_tree / "BUILD").write_text(build + macro_call.replace("size =", "timeout ="))
+    assert any("has no parameter timeout" in p for p in check_build(fake_tree)[0])
+    (fake_tree / "BUILD").write_text(build.replace('"dino_py_test")', '"other_test")'))
+    assert any("defines no macro 'other_test'" in p for p in check_build(fake_tree)[0])
 
 
 def test_reports_missing_py_binary(fake_tree: Path):

@@ -8,8 +8,7 @@ import numpy as np
 
 from dino_keras.callbacks import CollapseGuard, collapse_state
 from dino_keras.training import run_training
-from tests.helpers import tiny_config
-from tests.tiny_runs import write_idx_dataset
+from tests.helpers import tiny_config, write_idx
 
 K = 1024
 
@@ -60,16 +59,8 @@ def test_guard_warns_logs_and_stops_only_when_asked(capsys):
 
 def constant_images(folder):
     """idx files of identical black images: the teacher gives every image the same output."""
-    write_idx_dataset(folder, train=64, test=16)
-    import gzip
-    import struct
-
     for prefix, count in (("train", 64), ("t10k", 16)):
-        with gzip.open(os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz"), "wb") as f:
-            f.write(
-                struct.pack(">IIII", 2051, count, 28, 28)
-                + np.zeros(count * 784, np.uint8).tobytes()
-            )
+        write_idx(folder, prefix, np.zeros((count, 28, 28), np.uint8), np.arange(count) % 3)
     return str(folder)
 
 

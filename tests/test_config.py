@@ -136,3 +136,57 @@ def test_unknown_strategy_is_refused_up_front():
 def test_distribution_backup_and_loader_flags_are_checked(args, flag):
     with pytest.raises(ConfigError, match=f"^--{flag}"):
         parse(*args)
+
+
+def test_from_dict_coerces_like_the_flags_and_names_unknown_keys():
+    config = TrainConfig.from_dict(
+        {"global_crops_scale": ["0.5", "1"], "norm_last_layer": "false", "lr": 1, "depth": "3"}
+    )
+    assert config.global_crops_scale == (0.5, 1.0) and config.norm_last_layer is False
+    assert (config.lr, config.depth) == (1.0, 3) and isinstance(config.lr, float)
+    with pytest.raises(ConfigError, match="^--no_such_flag: unknown setting"):
+        TrainConfig.from_dict({"no_such_flag": 1})
+    with pytest.raises(ConfigError, match="^--depth: expected an integer"):
+        TrainConfig.from_dict({"depth": 2.5})
+    with pytest.raises(ConfigError, match="^--global_crops_scale: expected numbers"):
+        TrainConfig.from_dict({"global_crops_scale": "a,b"})
+
+
+def test_config_from_flagfile_reads_the_tiny_config_with_overrides():
+    import os
+
+    from dino_keras.config import config_from_flagfile
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "configs", "tiny.cfg")
+    flag_values = flags.FlagValues()
+    define_flags(flag_values)
+    flag_values(["train.py", f"--flagfile={path}"])
+    assert config_from_flagfile(path) == config_from_flags(flag_values)
+    config = config_from_flagfile(path, depth=3, local_crops_number=0)
+    assert (config.embed_dim, config.depth, config.local_crops_number) == (32, 3, 0)
+    with pytest.raises(ConfigError, match="^--no_such_flag"):
+        config_from_flagfile(path, no_such_flag=1)
+
+
+def test_former_flag_names_are_deprecated_aliases(capsys):
+    config = parse("--knn_k=5", "--knn_temperature=0.1")
+    assert (config.nb_knn, config.temperature) == (5, 0.1)
+    warnings = capsys.readouterr().err.splitlines()
+    assert "WARNING: --knn_k is deprecated; use --nb_knn." in warnings
+    assert "WARNING: --knn_temperature is deprecated; use --temperature." in warnings
+    assert parse("--knn_k=5", "--nb_knn=5").nb_knn == 5
+    with pytest.raises(flags.IllegalFlagValueError, match="give only --nb_knn"):
+        parse("--knn_k=5", "--nb_knn=7")
+    # Keys of an older run's config.json.
+    assert TrainConfig.from_dict({"knn_k": 7, "knn_temperature": 0.2}).nb_knn == 7
+
+
+def test_eval_scripts_limit_train_is_an_alias_of_limit_images(capsys):
+    from dino_keras.run_loading import define_eval_data_flags
+
+    flag_values = flags.FlagValues()
+    define_eval_data_flags(flag_values, "Training images.")
+    flag_values(["eval_knn.py", "--limit_train=16"])
+    assert flag_values.limit_images == 16
+    assert "--limit_train is deprecated; use --limit_images" in capsys.readouterr().err

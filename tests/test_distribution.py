@@ -15,26 +15,16 @@ import tensorflow as tf
 
 from dino_keras import distribution
 from dino_keras.config import ConfigError
-from tests.helpers import tiny_config
-from tests.tiny_runs import REPO_ROOT, write_idx_dataset
+from tests.helpers import REPO_ROOT, TINY_FLAGFILE, tiny_config, write_idx_dataset
 
+# configs/tiny.cfg with a smaller head; each test sets the batch size and the epochs.
 TINY_FLAGS = [
-    "--arch=vit_tiny",
-    "--embed_dim=32",
-    "--depth=2",
-    "--num_heads=2",
-    "--patch_size=4",
-    "--global_crops_size=28",
-    "--local_crops_size=12",
-    "--local_crops_number=2",
-    "--out_dim=64",
+    f"--flagfile={TINY_FLAGFILE}",
     "--head_hidden_dim=64",
     "--head_bottleneck_dim=32",
-    "--drop_path_rate=0",
     "--warmup_epochs=0",
     "--eval_every=0",
-    "--knn_k=5",
-    "--verbose=0",
+    "--nb_knn=5",
 ]
 
 

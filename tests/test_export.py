@@ -23,7 +23,7 @@ from dino_keras.export import (
     resolve_saved_model_dir,
 )
 from dino_keras.run_loading import load_backbone
-from tests.tiny_runs import make_tiny_run
+from tests.helpers import make_tiny_run
 
 IMAGE_SIZE = 28  # the tiny run's global crop size; eval resize: shorter side to 32
 

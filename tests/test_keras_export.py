@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from dino_keras.export import export_run, load_export
 from dino_keras.keras_export import KerasExportError, export_keras_run
-from tests.tiny_runs import REPO_ROOT, make_tiny_run, run_script
+from tests.helpers import REPO_ROOT, make_tiny_run, run_script
 
 README_PATH = "runs/demo/export/backbone-1.keras"  # the path the README's example loads
 

@@ -13,7 +13,7 @@ from absl import flags
 
 from dino_keras.config import config_from_flags, define_flags
 from dino_keras.training import run_training
-from tests.tiny_runs import REPO_ROOT, load_script
+from tests.helpers import REPO_ROOT, load_script
 
 MARGIN = 8.0  # k-NN@20 top-1 points
 

@@ -16,9 +16,8 @@ import tensorflow as tf
 from dino_keras.callbacks import NonFiniteLossError
 from dino_keras.checkpointing import TrainingCheckpoint
 from dino_keras.training import build_trainer, run_training
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, write_idx_dataset
 from tests.test_distribution import TINY_FLAGS, training_process
-from tests.tiny_runs import write_idx_dataset
 
 # 7 steps per epoch (60 images, batch 8), 3 epochs, a backup every 2 steps; drop path on, so
 # the random-generator state must survive the restart too.
@@ -142,7 +141,7 @@ def test_non_finite_loss_names_the_step_and_keeps_the_checkpoint(tmp_path):
         str(checkpoint_dir), student=trainer.student, teacher=trainer.teacher,
         optimizer=trainer.optimizer, center=trainer.center,
     )
-    assert restored.restore() == 4
+    assert restored.restore().step == 4
     for variable in trainer.student.variables + trainer.teacher.variables:
         assert np.all(np.isfinite(variable.numpy())), variable.path
 

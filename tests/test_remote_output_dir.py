@@ -16,8 +16,7 @@ from dino_keras.export import export_backbone, load_export, normalize_0_255
 from dino_keras.keras_export import save_keras_backbone
 from dino_keras.run_loading import RunLoadingError, load_backbone
 from dino_keras.training import run_training
-from tests.helpers import tiny_config
-from tests.tiny_runs import write_idx_dataset
+from tests.helpers import tiny_config, write_idx_dataset
 
 
 def all_files(directory):
@@ -39,7 +38,7 @@ def test_run_on_ram_filesystem_writes_everything_and_resumes_from_its_backup(
         epochs=2,
         warmup_epochs=0,
         eval_every=0,
-        knn_k=5,
+        nb_knn=5,
         backup_every_steps=2,
         saveckp_freq=1,
         local_crops_number=0,

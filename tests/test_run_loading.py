@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from dino_keras.run_loading import RunLoadingError, load_backbone, resolve_checkpoint
-from tests.tiny_runs import make_tiny_run
+from tests.helpers import make_tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,19 @@ def test_checkpoint_of_another_architecture_is_refused(run, tmp_path):
         json.dump({**config, "depth": 3}, f)
     with pytest.raises(RunLoadingError, match="missing from the checkpoint"):
         load_backbone(str(shallow))
+    # An older run's config.json, with the former names of the k-NN settings: still loads.
+    renamed = tmp_path / "renamed"
+    shutil.copytree(directory, renamed)
+    old_keys = {k: v for k, v in config.items() if k not in ("nb_knn", "temperature")}
+    with open(renamed / "config.json", "w") as f:
+        json.dump({**old_keys, "knn_k": 9, "knn_temperature": 0.1}, f)
+    assert load_backbone(str(renamed)).config.nb_knn == 9
+    # A config.json with a setting TrainConfig does not have: refused, naming the key.
+    with open(shallow / "config.json", "w") as f:
+        json.dump({**config, "no_such_setting": 1}, f)
+    with pytest.raises(RunLoadingError, match="--no_such_setting: unknown setting") as error:
+        load_backbone(str(shallow))
+    assert str(shallow / "config.json") in str(error.value)
 
 
 def test_missing_and_corrupt_checkpoints_and_configs(run, tmp_path):

@@ -137,10 +137,10 @@ def resolve_config(
     (`overrides`), then the values implied by the checkpoint, which must agree with the
     explicit flags. Returns the config and notes saying where each architecture value came
     from."""
-    overrides = dict(overrides)
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)}
-    if unknown:
-        raise ConversionError(f"unknown TrainConfig fields: {', '.join(sorted(unknown))}")
+    try:
+        overrides = TrainConfig.coerce(overrides)
+    except ConfigError as error:
+        raise ConversionError(str(error)) from error
     values = {**overrides, "output_dir": output_dir}
     notes: list[str] = []
     inferred = infer_architecture(contents)
@@ -190,9 +190,8 @@ def resolve_config(
     if "optimizer" in inferred and "optimizer" not in overrides:
         values["optimizer"] = inferred["optimizer"].value
         notes.append(f"optimizer = {values['optimizer']!r} (from {inferred['optimizer'].key})")
-    config = TrainConfig(**values)
     try:
-        config.validate()
+        config = TrainConfig.from_dict(values)
     except ConfigError as error:
         raise ConversionError(f"the converted configuration is invalid: {error}") from error
     return config, notes

@@ -6,10 +6,8 @@ modules need no imports from this file.
 
 from __future__ import annotations
 
-import gzip
 import io
 import os
-import struct
 
 import numpy as np
 import pytest
@@ -18,6 +16,7 @@ from PIL import Image
 
 from dino_keras.data import record_counts
 from dino_keras.data.sources import TFRECORD_IMAGE_KEY, TFRECORD_LABEL_KEY, resolve_source
+from tests.helpers import write_idx
 
 
 def encode_image(array: np.ndarray, image_format: str = "PNG") -> bytes:
@@ -37,15 +36,6 @@ def write_image(path, array: np.ndarray, image_format: str | None = None) -> str
 
 def random_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-
-
-def write_idx(folder, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:
-    """MNIST-style gzipped idx files {prefix}-images-idx3-ubyte.gz and -labels-idx1-ubyte.gz."""
-    os.makedirs(folder, exist_ok=True)
-    with gzip.open(os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz"), "wb") as file:
-        file.write(struct.pack(">IIII", 2051, *images.shape) + images.astype(np.uint8).tobytes())
-    with gzip.open(os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz"), "wb") as file:
-        file.write(struct.pack(">II", 2049, len(labels)) + labels.astype(np.uint8).tobytes())
 
 
 def write_tfrecord(path, encoded_images: list[bytes], labels: list[int] | None) -> str:

@@ -364,7 +364,7 @@ def test_tfds_array_record_is_read_through_tfds_data_sources(tmp_path):
     assert [crop.shape for crop in batches[1]] == [(3, 8, 8, 3)] * 2 + [(3, 4, 4, 3)]
 
 
-def test_every_file_form_reads_from_a_tf_io_gfile_url(rng, encode_image, random_image,
+def test_every_file_form_reads_from_a_tf_io_gfile_url(rng, encode_image, random_image, write_idx,
                                                       write_tfrecord, count_records):
     # ram:// is served by TensorFlow's file systems only, as gs:// is: Python's open fails.
     # Its folders exist once made (listing does not infer them from file names).
@@ -388,11 +388,7 @@ def test_every_file_form_reads_from_a_tf_io_gfile_url(rng, encode_image, random_
     assert read_all_by_index(records)[1] == [2, 0, 1]
 
     digits = rng.integers(0, 256, (4, 5, 5), dtype=np.uint8)
-    header = np.array([2051, 4, 5, 5], ">u4").tobytes()
-    with tf.io.gfile.GFile(f"{root}/idx/train-images-idx3-ubyte", "wb") as file:
-        file.write(header + digits.tobytes())
-    with tf.io.gfile.GFile(f"{root}/idx/train-labels-idx1-ubyte", "wb") as file:
-        file.write(np.array([2049, 4], ">u4").tobytes() + bytes([3, 1, 0, 2]))
+    write_idx(f"{root}/idx", "train", digits, [3, 1, 0, 2], gzipped=False)
     idx = resolve_source(f"{root}/idx")
     images, labels = read_all(idx)
     assert labels == [3, 1, 0, 2]

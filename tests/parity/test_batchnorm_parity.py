@@ -191,7 +191,7 @@ def test_three_steps_bn_head(tmp_path, report_diff):
         optimizer=trainer.optimizer,
         center=trainer.center,
     )
-    assert restored.restore_latest() == 0
+    assert restored.restore().epoch == 0
     # Converted exactly into both networks, the BatchNorm running statistics included.
     initial_state = ref.reference_state_dict(student)
     initial = {}

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gzip
 import json
 import os
-import struct
 import subprocess
 import sys
 
@@ -35,16 +33,16 @@ from dino_keras.convert import (
 )
 from dino_keras.models.factory import build_backbone
 from dino_keras.training import build_trainer
+from tests.helpers import TINY, tiny_values, write_idx
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The flags given to the converter: configs/tiny.cfg's architecture and crops (the patch size
+# and the global crop size come from the checkpoint), at batch 4.
 TINY_FLAGS = {
-    "arch": "vit_tiny",
-    "embed_dim": 32,
-    "depth": 2,
-    "num_heads": 2,
-    "out_dim": 64,
-    "local_crops_size": 12,
-    "local_crops_number": 2,
+    **tiny_values(
+        "arch", "embed_dim", "depth", "num_heads", "out_dim", "local_crops_size",
+        "local_crops_number",
+    ),
     "batch_size_per_gpu": 4,
 }
 
@@ -90,11 +88,11 @@ def tiny_timm_vit(num_classes: int = 0, seed: int = 0) -> torch.nn.Module:
     return timm.create_model(
         "vit_tiny_patch16_224",
         pretrained=False,
-        img_size=28,
-        patch_size=4,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
+        img_size=TINY["global_crops_size"],
+        patch_size=TINY["patch_size"],
+        embed_dim=TINY["embed_dim"],
+        depth=TINY["depth"],
+        num_heads=TINY["num_heads"],
         num_classes=num_classes,
     )
 
@@ -309,7 +307,7 @@ def test_full_checkpoint_round_trip(tmp_path, report_diff):
         optimizer=trainer.optimizer,
         center=trainer.center,
     )
-    assert checkpoint.restore_latest() == 3
+    assert checkpoint.restore().epoch == 3
     assert int(trainer.optimizer.iterations) == 15  # epoch 3 x 5 steps: schedules continue
     np.testing.assert_array_equal(trainer.center.numpy(), center.numpy())
     worst = 0.0
@@ -399,15 +397,6 @@ def test_script_converts_and_refuses(tmp_path):
         "--patch_size=4"
     ) in refused.stderr
     assert not (tmp_path / "other").exists()
-
-
-def write_idx(folder, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:
-    """MNIST-style gzipped idx files, a data source scripts/train.py reads."""
-    os.makedirs(folder, exist_ok=True)
-    with gzip.open(os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz"), "wb") as f:
-        f.write(struct.pack(">IIII", 2051, *images.shape) + images.tobytes())
-    with gzip.open(os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz"), "wb") as f:
-        f.write(struct.pack(">II", 2049, len(labels)) + labels.tobytes())
 
 
 @pytest.mark.slow

@@ -21,15 +21,14 @@ from dino_keras.convert.torch_export import (
     read_run_state,
 )
 from dino_keras.run_loading import load_backbone
-from tests.tiny_runs import make_tiny_run, run_script
+from tests.helpers import TINY, make_tiny_run, run_script, tiny_values
 
+# The flags given to the converter: configs/tiny.cfg's architecture and crops (the patch size
+# and the global crop size come from the checkpoint), at batch 4.
 TINY_FLAGS = {
-    "arch": "vit_tiny",
-    "embed_dim": 32,
-    "depth": 2,
-    "num_heads": 2,
-    "local_crops_size": 12,
-    "local_crops_number": 2,
+    **tiny_values(
+        "arch", "embed_dim", "depth", "num_heads", "local_crops_size", "local_crops_number"
+    ),
     "batch_size_per_gpu": 4,
 }
 
@@ -39,11 +38,11 @@ def tiny_timm_vit(seed: int = 0) -> torch.nn.Module:
     return timm.create_model(
         "vit_tiny_patch16_224",
         pretrained=False,
-        img_size=28,
-        patch_size=4,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
+        img_size=TINY["global_crops_size"],
+        patch_size=TINY["patch_size"],
+        embed_dim=TINY["embed_dim"],
+        depth=TINY["depth"],
+        num_heads=TINY["num_heads"],
         num_classes=0,
     )
 

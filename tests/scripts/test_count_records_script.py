@@ -9,7 +9,7 @@ import tensorflow as tf
 from PIL import Image
 
 from dino_keras.data.sources import DataSourceError, resolve_source
-from tests.tiny_runs import run_script
+from tests.helpers import run_script
 
 
 def write_records(path, images: list[bytes], labels: list[int]) -> None:

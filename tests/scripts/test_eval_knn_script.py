@@ -6,7 +6,7 @@ import pytest
 
 from dino_keras.data.sources import DataSourceError
 from dino_keras.export import ExportError, export_run
-from tests.tiny_runs import make_tiny_run, run_script, write_idx_dataset
+from tests.helpers import make_tiny_run, run_script, write_idx_dataset
 
 
 @pytest.fixture(scope="module")

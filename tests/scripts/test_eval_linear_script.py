@@ -2,7 +2,7 @@
 
 import json
 
-from tests.tiny_runs import make_tiny_run, run_script, write_idx_dataset
+from tests.helpers import make_tiny_run, run_script, write_idx_dataset
 
 
 def test_linear_script_trains_reports_and_resumes(tmp_path, capsys):

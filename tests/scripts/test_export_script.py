@@ -7,7 +7,7 @@ import os
 import pytest
 
 from dino_keras.run_loading import RunLoadingError
-from tests.tiny_runs import make_tiny_run, run_script, run_script_process
+from tests.helpers import make_tiny_run, run_script, run_script_process
 
 
 def test_export_command(tmp_path):

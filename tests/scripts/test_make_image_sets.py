@@ -29,7 +29,7 @@ def load_script():
 
 
 def make_sets(output_dir, *args):
-    """`run(flags)` in-process on fresh flags (like tests/tiny_runs.py's `run_script`, without
+    """`run(flags)` in-process on fresh flags (like tests/helpers.py's `run_script`, without
     importing TensorFlow)."""
     module = load_script()
     flag_values = flags.FlagValues()

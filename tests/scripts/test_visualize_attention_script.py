@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from dino_keras.evaluation.attention import AttentionError
-from tests.tiny_runs import make_tiny_run, run_script, run_script_process
+from tests.helpers import make_tiny_run, run_script, run_script_process
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """Entry point of every py_test in //:BUILD: runs one pytest file under Bazel.
 
-Usage (from BUILD): py_test(main = "//tools/bazel:pytest_runner.py",
-args = ["$(rootpath tests/x/test_y.py)"], ...). Extra arguments after the file
+Usage (from BUILD, through the `dino_py_test` macro of //tools/bazel:defs.bzl):
+py_test(main = "//tools/bazel:pytest_runner.py", args = ["$(rootpath tests/x/test_y.py)"],
+...). Extra arguments after the file
 are passed to pytest, e.g. `bazel test //:test_y --test_arg=-k --test_arg=foo`.
 """
 
