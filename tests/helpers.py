@@ -22,7 +22,7 @@ import sys
 
 import numpy as np
 
-from dino_keras.config import TrainConfig, config_from_flagfile, flagfile_values
+from dino_keras.config import TrainConfig, flagfile_values
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FLAGFILE = os.path.join(REPO_ROOT, "configs", "tiny.cfg")
@@ -31,8 +31,8 @@ TINY = flagfile_values(TINY_FLAGFILE)
 
 
 def tiny_config(**overrides) -> TrainConfig:
-    """configs/tiny.cfg with `overrides`, validated."""
-    return config_from_flagfile(TINY_FLAGFILE, **overrides)
+    """configs/tiny.cfg with `overrides`, validated (the file is read once, into `TINY`)."""
+    return TrainConfig.from_dict({**TINY, **overrides})
 
 
 def tiny_values(*names: str) -> dict:
