@@ -7,8 +7,9 @@ reader: TensorFlow writes a checkpoint's files completely before the index file
 (`checkpoint`) is atomically replaced to name it, and the previous checkpoint is deleted only
 after that, so a process killed at any moment leaves the previous checkpoint loadable.
 
-The resolved configuration of the run is stored beside them (`config.json`); a rerun of a
-different architecture into the same directory is refused before anything is written.
+The resolved configuration of the run is stored beside them (`config.json`, grouped by section:
+`TrainConfig.to_sections`); a rerun of a different architecture into the same directory is
+refused before anything is written.
 
 All of it goes through TensorFlow's file system layer (`tf.train.CheckpointManager` writes,
 renames and deletes with `tf.io.gfile`), so the directory may be remote (`gs://...`).
@@ -16,7 +17,6 @@ renames and deletes with `tf.io.gfile`), so the directory may be remote (`gs://.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple
 
 import tensorflow as tf
@@ -173,13 +173,15 @@ class TrainingCheckpoint:
 
 
 def check_or_write_run_config(config: TrainConfig) -> None:
-    """Write `<output_dir>/config.json`; refuse a run whose architecture differs from the one
-    of the checkpoints already in `output_dir` (naming the flag)."""
+    """Write `<output_dir>/config.json` (grouped by section); refuse a run whose architecture
+    differs from the one of the checkpoints already in `output_dir` (naming the flag), whose
+    config.json may be grouped or, from an older run, flat."""
     saved = (
         run_dir.read_config(config.output_dir)
         if tf.train.latest_checkpoint(config.checkpoint_dir)
         else None
     )
+    saved = TrainConfig.flatten(saved) if saved else None
     for flag in ARCHITECTURE_FLAGS:
         current = getattr(config, flag)
         if saved and flag in saved and saved[flag] != current:
@@ -188,4 +190,4 @@ def check_or_write_run_config(config: TrainConfig) -> None:
                 f"(trained with --{flag}={saved[flag]}); use another --output_dir or the "
                 "same value. Nothing was overwritten."
             )
-    run_dir.write_config(config.output_dir, dataclasses.asdict(config))
+    run_dir.write_config(config.output_dir, config.to_sections())

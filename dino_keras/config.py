@@ -6,8 +6,10 @@ kept for the same meaning. `define_flags` registers the fields as absl flags on 
 flags. `TrainConfig.from_dict` is the one way from values to a config, whatever their origin:
 parsed flags, a flagfile (`config_from_flagfile`), a run's config.json or the converter's
 explicit flags; it coerces them to the fields' types and refuses unknown keys by name.
-`TrainConfig.validate` checks everything that can be checked before any work starts and names
-the offending flag.
+The fields are grouped into sections (`SECTIONS`: model, crops, optimisation, teacher, data,
+run, evaluation); a run's config.json holds them grouped (`TrainConfig.to_sections`), flags and
+attributes stay flat. `TrainConfig.validate` checks everything that can be checked before any
+work starts, section by section (`config_validation.py`), and names the offending flag.
 """
 
 from __future__ import annotations
@@ -43,136 +45,153 @@ class ConfigError(ValueError):
     """An invalid flag value or combination; the message names the flag."""
 
 
-def _field(default, help_text: str, **kwargs):
-    return dataclasses.field(default=default, metadata={"help": help_text, **kwargs})
+# The sections of `TrainConfig`, in this order: each field belongs to exactly one, named in its
+# metadata by the maker that defines it (`_model(...)` for a field of "model", ...). A run's
+# config.json is grouped by them (`TrainConfig.to_sections`) and `TrainConfig.validate` checks
+# them in turn; flags and attributes stay flat (`--arch`, `config.arch`).
+SECTION_NAMES = ("model", "crops", "optimisation", "teacher", "data", "run", "evaluation")
+
+
+def _section(section: str):
+    """The field maker of `section`: (default, help text) -> a dataclass field."""
+
+    def field(default, help_text: str):
+        return dataclasses.field(default=default, metadata={"help": help_text, "section": section})
+
+    return field
+
+
+_model, _crops, _optim, _teacher, _data, _run, _eval = map(_section, SECTION_NAMES)
 
 
 @dataclasses.dataclass
 class TrainConfig:
     # Model.
-    arch: str = _field("vit_small", f"Backbone: one of {', '.join(ARCHS)}.")
-    patch_size: int = _field(
+    arch: str = _model("vit_small", f"Backbone: one of {', '.join(ARCHS)}.")
+    patch_size: int = _model(
         16, "ViT patch size in pixels (8 or 16 on ImageNet, 4 on 28 px images)."
     )
-    embed_dim: int = _field(0, "Custom ViT width; 0 keeps the width of --arch.")
-    depth: int = _field(0, "Custom ViT depth; 0 keeps the depth of --arch.")
-    num_heads: int = _field(0, "Custom ViT heads; 0 keeps the heads of --arch.")
-    out_dim: int = _field(65536, "Dimension of the DINO head output (number of prototypes).")
-    head_hidden_dim: int = _field(2048, "Hidden width of the DINO head MLP.")
-    head_bottleneck_dim: int = _field(
+    embed_dim: int = _model(0, "Custom ViT width; 0 keeps the width of --arch.")
+    depth: int = _model(0, "Custom ViT depth; 0 keeps the depth of --arch.")
+    num_heads: int = _model(0, "Custom ViT heads; 0 keeps the heads of --arch.")
+    out_dim: int = _model(65536, "Dimension of the DINO head output (number of prototypes).")
+    head_hidden_dim: int = _model(2048, "Hidden width of the DINO head MLP.")
+    head_bottleneck_dim: int = _model(
         256, "Bottleneck width of the DINO head before the prototypes."
     )
-    norm_last_layer: bool = _field(
+    norm_last_layer: bool = _model(
         True, "Freeze the weight-norm gain of the head's last layer at 1."
     )
-    use_bn_in_head: bool = _field(False, "BatchNorm in the head MLP.")
-    drop_path_rate: float = _field(0.1, "Stochastic depth rate of the student (0 for the teacher).")
+    use_bn_in_head: bool = _model(False, "BatchNorm in the head MLP.")
+    drop_path_rate: float = _model(0.1, "Stochastic depth rate of the student (0 for the teacher).")
     # Teacher and loss.
-    momentum_teacher: float = _field(0.996, "Base EMA momentum of the teacher, cosine to 1.")
-    warmup_teacher_temp: float = _field(0.04, "Initial teacher temperature of the linear warm-up.")
-    teacher_temp: float = _field(0.04, "Teacher temperature after the warm-up.")
-    warmup_teacher_temp_epochs: int = _field(0, "Epochs of linear teacher-temperature warm-up.")
-    centering: str = _field(
+    momentum_teacher: float = _teacher(0.996, "Base EMA momentum of the teacher, cosine to 1.")
+    warmup_teacher_temp: float = _teacher(
+        0.04, "Initial teacher temperature of the linear warm-up."
+    )
+    teacher_temp: float = _teacher(0.04, "Teacher temperature after the warm-up.")
+    warmup_teacher_temp_epochs: int = _teacher(0, "Epochs of linear teacher-temperature warm-up.")
+    centering: str = _teacher(
         "centering",
         "Teacher centering: 'centering' (the reference's EMA centre) or 'sinkhorn_knopp' "
         "(DINOv2's Sinkhorn-Knopp normalisation over the global batch, 3 iterations).",
     )
-    koleo_loss_weight: float = _field(
+    koleo_loss_weight: float = _teacher(
         0.0,
         "Weight of DINOv2's KoLeo regulariser on the student's L2-normalised global-crop "
         "features (spreads them apart); 0 disables.",
     )
     # Optimisation.
-    use_fp16: bool = _field(
+    use_fp16: bool = _optim(
         False,
         "Mixed float16 with loss scaling (the reference's default is true on GPUs; here false "
         "because CPUs and TPUs have no fast float16: see --precision).",
     )
-    precision: str = _field("float32", f"Compute precision: one of {', '.join(PRECISIONS)}.")
-    weight_decay: float = _field(0.04, "Initial weight decay (cosine per step).")
-    weight_decay_end: float = _field(0.4, "Final weight decay.")
-    clip_grad: float = _field(3.0, "Per-tensor gradient norm clip; 0 disables.")
-    batch_size_per_gpu: int = _field(64, "Batch size per replica.")
-    epochs: int = _field(100, "Number of training epochs.")
-    train_steps: int = _field(
+    precision: str = _optim("float32", f"Compute precision: one of {', '.join(PRECISIONS)}.")
+    weight_decay: float = _optim(0.04, "Initial weight decay (cosine per step).")
+    weight_decay_end: float = _optim(0.4, "Final weight decay.")
+    clip_grad: float = _optim(3.0, "Per-tensor gradient norm clip; 0 disables.")
+    batch_size_per_gpu: int = _optim(64, "Batch size per replica.")
+    epochs: int = _optim(100, "Number of training epochs.")
+    train_steps: int = _optim(
         0,
         "If > 0, the schedule's length in optimiser steps instead of --epochs: the run trains "
         "ceil(train_steps / steps per epoch) epochs, so that a small data set still gets "
         "enough steps (the other flags counted in epochs stay in epochs).",
     )
-    freeze_last_layer: int = _field(1, "Epochs during which the head's last layer is not updated.")
-    lr: float = _field(0.0005, "Peak learning rate at batch 256 (scaled by global batch / 256).")
-    warmup_epochs: int = _field(10, "Epochs of linear learning-rate warm-up.")
-    min_lr: float = _field(1e-6, "Final learning rate of the cosine schedule.")
-    optimizer: str = _field("adamw", f"Optimizer: one of {', '.join(OPTIMIZERS)}.")
+    freeze_last_layer: int = _optim(1, "Epochs during which the head's last layer is not updated.")
+    lr: float = _optim(0.0005, "Peak learning rate at batch 256 (scaled by global batch / 256).")
+    warmup_epochs: int = _optim(10, "Epochs of linear learning-rate warm-up.")
+    min_lr: float = _optim(1e-6, "Final learning rate of the cosine schedule.")
+    optimizer: str = _optim("adamw", f"Optimizer: one of {', '.join(OPTIMIZERS)}.")
     # Multi-crop.
-    global_crops_scale: tuple = _field((0.4, 1.0), "Area fraction range of the global crops.")
-    local_crops_number: int = _field(8, "Number of local crops; 0 disables multi-crop.")
-    local_crops_scale: tuple = _field((0.05, 0.4), "Area fraction range of the local crops.")
-    global_crops_size: int = _field(224, "Side of the global crops in pixels.")
-    local_crops_size: int = _field(96, "Side of the local crops in pixels.")
-    blur_sigma: tuple = _field(
+    global_crops_scale: tuple = _crops((0.4, 1.0), "Area fraction range of the global crops.")
+    local_crops_number: int = _crops(8, "Number of local crops; 0 disables multi-crop.")
+    local_crops_scale: tuple = _crops((0.05, 0.4), "Area fraction range of the local crops.")
+    global_crops_size: int = _crops(224, "Side of the global crops in pixels.")
+    local_crops_size: int = _crops(96, "Side of the local crops in pixels.")
+    blur_sigma: tuple = _crops(
         (0.1, 2.0),
         "Range 'min,max' of the gaussian-blur sigma in pixels of the crop (the reference's "
         "0.1-2.0 is sized for 224 px crops; at most 2.0).",
     )
     # Data.
-    data_path: str = _field(
+    data_path: str = _data(
         "fashion_mnist",
         "Training images: an image folder, 'tfds:NAME[:split]', TFRecord files, a folder of "
         "idx files, or 'fashion_mnist' (the Debian package's idx files).",
     )
-    tfds_data_dir: str = _field("", "TFDS data directory for 'tfds:' data paths.")
-    limit_images: int = _field(0, "Use only the first N training images; 0 uses all.")
-    num_workers: int = _field(
+    tfds_data_dir: str = _data("", "TFDS data directory for 'tfds:' data paths.")
+    limit_images: int = _data(0, "Use only the first N training images; 0 uses all.")
+    num_workers: int = _data(
         0,
         "Loader processes making the multi-crop batches, one core each (the reference's "
         "DataLoader workers); the same batches as 0, which makes them in the training process.",
     )
     # Output and run control.
-    output_dir: str = _field("runs/dino", "Checkpoints, logs, TensorBoard events and exports.")
-    saveckp_freq: int = _field(20, "Keep a numbered checkpoint every N epochs.")
-    seed: int = _field(0, "Random seed.")
-    steps_per_execution: int = _field(1, "Training steps per compiled call.")
-    jit_compile: bool = _field(True, "XLA-compile the training step.")
-    strategy: str = _field(
+    output_dir: str = _run("runs/dino", "Checkpoints, logs, TensorBoard events and exports.")
+    saveckp_freq: int = _run(20, "Keep a numbered checkpoint every N epochs.")
+    seed: int = _run(0, "Random seed.")
+    steps_per_execution: int = _run(1, "Training steps per compiled call.")
+    jit_compile: bool = _run(True, "XLA-compile the training step.")
+    strategy: str = _run(
         "default",
         "Distribution: 'default' (one device), 'mirrored' (all local GPUs, or --cpu_replicas "
         "logical CPU devices), 'multi_worker' (MultiWorkerMirroredStrategy; cluster from "
         "TF_CONFIG or SLURM's environment) or 'tpu' (TPUStrategy on --tpu).",
     )
-    cpu_replicas: int = _field(
+    cpu_replicas: int = _run(
         0, "With --strategy=mirrored on a machine without GPUs: number of logical CPU replicas."
     )
-    tpu: str = _field(
+    tpu: str = _run(
         "", "TPU name or grpc:// address for --strategy=tpu ('local' on a Cloud TPU VM)."
     )
-    backup_every_steps: int = _field(
+    backup_every_steps: int = _run(
         500,
         "Write a preemption backup every N optimiser steps (rerunning the same command resumes "
         "from it mid-epoch); 0 disables.",
     )
-    deterministic: bool = _field(
+    deterministic: bool = _run(
         False, "Deterministic ops and seeds: two runs of the same command give identical weights."
     )
-    verbose: int = _field(1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")
-    stop_on_collapse: bool = _field(
+    verbose: int = _run(1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")
+    stop_on_collapse: bool = _run(
         False,
         "Stop after an epoch whose collapse monitors say the run has collapsed (the warning is "
         "printed and logged either way); the checkpoints are kept.",
     )
     # Evaluation.
-    eval_data_path: str = _field(
+    eval_data_path: str = _eval(
         "",
         "Labelled images for k-NN evaluation (same forms as --data_path); empty: the test "
         "split of --data_path when it has one (Fashion-MNIST, TFDS, split folders).",
     )
-    eval_every: int = _field(
+    eval_every: int = _eval(
         1, "Evaluate k-NN every N epochs (and at epoch 0 and the end); 0: only at the ends."
     )
-    nb_knn: int = _field(20, "Neighbours of the weighted k-NN evaluation.")
-    temperature: float = _field(0.07, "Temperature of the weighted k-NN vote.")
-    eval_batch_size: int = _field(256, "Batch size of feature extraction for evaluation.")
+    nb_knn: int = _eval(20, "Neighbours of the weighted k-NN evaluation.")
+    temperature: float = _eval(0.07, "Temperature of the weighted k-NN vote.")
+    eval_batch_size: int = _eval(256, "Batch size of feature extraction for evaluation.")
 
     # ---------------------------------------------------------------- derived values
     @property
@@ -194,10 +213,47 @@ class TrainConfig:
         return os.path.join(self.output_dir, "checkpoints")
 
     @classmethod
+    def flatten(cls, values: Mapping[str, Any]) -> dict[str, Any]:
+        """`values` as {flag name: value}: the flat form as it is, the grouped form of
+        `to_sections` ({section: {flag name: value}}) merged. `values` is grouped if a key is a
+        section or a value a mapping (no field holds one); then an unknown section, a setting
+        outside its section or in another's raise `ConfigError` naming it. Unknown keys of the
+        flat form are left to `coerce`."""
+        if not any(key in SECTIONS or isinstance(value, Mapping) for key, value in values.items()):
+            return dict(values)
+        flat = {}
+        for section, settings in values.items():
+            if section not in SECTIONS:
+                home = SECTION_OF.get(RENAMED_FIELDS.get(section, section))
+                if home:
+                    raise ConfigError(
+                        f"--{section}: outside its section {home!r} in a grouped config"
+                    )
+                raise ConfigError(
+                    f"unknown section {section!r} (the sections of {cls.__name__} are "
+                    f"{', '.join(SECTIONS)})"
+                )
+            if not isinstance(settings, Mapping):
+                raise ConfigError(f"section {section!r}: expected an object, got {settings!r}")
+            for key, value in settings.items():
+                home = SECTION_OF.get(RENAMED_FIELDS.get(key, key))
+                if home is None:
+                    raise ConfigError(
+                        f"--{key}: unknown setting in section {section!r} (not a field of "
+                        f"{cls.__name__})"
+                    )
+                if home != section:
+                    raise ConfigError(f"--{key}: in section {section!r}, but belongs in {home!r}")
+                flat[key] = value
+        return flat
+
+    @classmethod
     def coerce(cls, values: Mapping[str, Any]) -> dict[str, Any]:
-        """`values` (from flags, a run's config.json or explicit overrides) as field values:
-        'min,max' ranges as tuples of floats, numbers and booleans of the field's type. Raises
-        `ConfigError` naming the key for an unknown key or a value of the wrong kind."""
+        """`values` (from flags, a run's config.json or explicit overrides; flat or grouped, see
+        `flatten`) as field values: 'min,max' ranges as tuples of floats, numbers and booleans
+        of the field's type. Raises `ConfigError` naming the key for an unknown key or a value
+        of the wrong kind."""
+        values = cls.flatten(values)
         fields = {field.name: field for field in dataclasses.fields(cls)}
         coerced = {}
         for key, value in values.items():
@@ -215,15 +271,25 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], *, validate: bool = True):
-        """The config of `values` (missing keys keep their defaults), coerced by `coerce` and
-        validated: the one way from flags, config.json or overrides to a `TrainConfig`."""
+        """The config of `values`, flat or grouped by section (missing keys keep their
+        defaults), coerced by `coerce` and validated: the one way from flags, config.json (a
+        grouped one, or an older run's flat one) or overrides to a `TrainConfig`."""
         config = cls(**cls.coerce(values))
         if validate:
             config.validate()
         return config
 
+    def to_sections(self) -> dict[str, dict[str, Any]]:
+        """{section: {flag name: value}}, the sections in the order of `SECTIONS`: what a run's
+        config.json holds (`from_dict` reads it back)."""
+        values = dataclasses.asdict(self)
+        return {
+            section: {name: values[name] for name in names} for section, names in SECTIONS.items()
+        }
+
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+        """`to_sections` as JSON text, as in a run's config.json."""
+        return json.dumps(self.to_sections(), indent=2, sort_keys=True)
 
     def with_epochs_for(self, steps_per_epoch: int) -> TrainConfig:
         """This config with `epochs` resolved from `train_steps` (if set) and validated again."""
@@ -242,132 +308,32 @@ class TrainConfig:
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> None:
-        """Raise `ConfigError` naming the flag for any invalid value or combination."""
+        """Raise `ConfigError` naming the flag for any invalid value or combination: one check
+        per section, in the order of `SECTIONS` (dino_keras/config_validation.py)."""
+        from dino_keras.config_validation import validate  # which imports this module
 
-        def fail(flag: str, message: str):
-            raise ConfigError(f"--{flag}: {message}")
+        validate(self)
 
-        if self.arch not in ARCHS:
-            fail("arch", f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHS)}")
-        if self.optimizer not in OPTIMIZERS:
-            fail(
-                "optimizer",
-                f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}",
+
+def _sections_of(config_cls) -> dict[str, tuple[str, ...]]:
+    """{section: names of its fields in definition order}; every field must have a section."""
+    fields = dataclasses.fields(config_cls)
+    for field in fields:
+        if field.metadata.get("section") not in SECTION_NAMES:
+            raise TypeError(
+                f"{config_cls.__name__}.{field.name}: define it with the field maker of its "
+                "section (_model, _crops, _optim, _teacher, _data, _run or _eval)"
             )
-        if self.precision not in PRECISIONS:
-            fail(
-                "precision",
-                f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}",
-            )
-        if self.use_fp16 and self.precision != "float32":
-            fail("use_fp16", f"conflicts with --precision={self.precision}; set only one")
-        if self.strategy not in STRATEGIES:
-            fail(
-                "strategy",
-                f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}",
-            )
-        if self.centering not in CENTERINGS:
-            fail(
-                "centering",
-                f"unknown centering {self.centering!r}; choose one of {', '.join(CENTERINGS)}",
-            )
-        if self.cpu_replicas and self.strategy != "mirrored":
-            fail("cpu_replicas", f"only applies to --strategy=mirrored, not {self.strategy!r}")
-        if self.tpu and self.strategy != "tpu":
-            fail("tpu", f"only applies to --strategy=tpu, not {self.strategy!r}")
-        for name in (
-            "out_dim",
-            "head_hidden_dim",
-            "head_bottleneck_dim",
-            "batch_size_per_gpu",
-            "epochs",
-            "global_crops_size",
-            "patch_size",
-            "saveckp_freq",
-            "steps_per_execution",
-            "nb_knn",
-            "eval_batch_size",
-        ):
-            if getattr(self, name) <= 0:
-                fail(name, f"must be positive, got {getattr(self, name)}")
-        for name in (
-            "local_crops_number",
-            "limit_images",
-            "eval_every",
-            "freeze_last_layer",
-            "warmup_epochs",
-            "warmup_teacher_temp_epochs",
-            "embed_dim",
-            "depth",
-            "num_heads",
-            "lr",
-            "min_lr",
-            "weight_decay",
-            "weight_decay_end",
-            "clip_grad",
-            "drop_path_rate",
-            "cpu_replicas",
-            "backup_every_steps",
-            "num_workers",
-            "koleo_loss_weight",
-            "train_steps",
-        ):
-            if getattr(self, name) < 0:
-                fail(name, f"must be >= 0, got {getattr(self, name)}")
-        if self.local_crops_number > 0 and self.local_crops_size <= 0:
-            fail("local_crops_size", f"must be positive, got {self.local_crops_size}")
-        if not 0.0 <= self.momentum_teacher <= 1.0:
-            fail("momentum_teacher", f"must be in [0, 1], got {self.momentum_teacher}")
-        if not self.drop_path_rate < 1.0:
-            fail("drop_path_rate", f"must be < 1, got {self.drop_path_rate}")
-        for name in ("teacher_temp", "warmup_teacher_temp", "temperature"):
-            if getattr(self, name) <= 0:
-                fail(name, f"must be positive, got {getattr(self, name)}")
-        if self.warmup_epochs > self.epochs:
-            fail("warmup_epochs", f"({self.warmup_epochs}) exceeds --epochs ({self.epochs})")
-        if self.warmup_teacher_temp_epochs > self.epochs:
-            fail(
-                "warmup_teacher_temp_epochs",
-                f"({self.warmup_teacher_temp_epochs}) exceeds --epochs ({self.epochs})",
-            )
-        for name in ("global_crops_scale", "local_crops_scale"):
-            scale = getattr(self, name)
-            if len(scale) != 2:
-                fail(name, f"needs two numbers 'min,max', got {scale!r}")
-            low, high = scale
-            if not (0.0 < low <= high <= 1.0):
-                fail(name, f"needs 0 < min <= max <= 1, got {low},{high}")
-        if len(self.blur_sigma) != 2 or not 0.0 < self.blur_sigma[0] <= self.blur_sigma[1] <= 2.0:
-            fail("blur_sigma", f"needs two numbers 0 < min <= max <= 2, got {self.blur_sigma!r}")
-        if self.local_crops_number > 0 and self.local_crops_scale[1] > self.global_crops_scale[0]:
-            fail(
-                "local_crops_scale",
-                f"max ({self.local_crops_scale[1]}) must not exceed the global crops' min "
-                f"scale --global_crops_scale ({self.global_crops_scale[0]})",
-            )
-        if self.is_vit:
-            width, depth, heads = self.vit_dims
-            if width % heads:
-                fail("num_heads", f"width {width} is not divisible by {heads} heads")
-            if self.global_crops_size % self.patch_size:
-                fail(
-                    "global_crops_size",
-                    f"{self.global_crops_size} is not divisible by --patch_size={self.patch_size}",
-                )
-            if self.local_crops_number > 0 and self.local_crops_size % self.patch_size:
-                fail(
-                    "local_crops_size",
-                    f"{self.local_crops_size} is not divisible by --patch_size={self.patch_size}",
-                )
-        elif self.local_crops_number > 0 and self.local_crops_size < 32:
-            fail(
-                "local_crops_size",
-                f"resnet50 needs crops of at least 32 px, got {self.local_crops_size}",
-            )
-        if not self.data_path:
-            fail("data_path", "is empty")
-        if not self.output_dir:
-            fail("output_dir", "is empty")
+        if field.name in SECTION_NAMES:  # the flat and the grouped form would be ambiguous
+            raise TypeError(f"{config_cls.__name__}.{field.name}: a field named like a section")
+    return {
+        section: tuple(field.name for field in fields if field.metadata["section"] == section)
+        for section in SECTION_NAMES
+    }
+
+
+SECTIONS = _sections_of(TrainConfig)  # {section: its fields}
+SECTION_OF = {name: section for section, names in SECTIONS.items() for name in names}
 
 
 def _coerce_value(name: str, default, value):

@@ -1,9 +1,19 @@
-"""Flag parsing into the typed config and validation messages that name the flag."""
+"""Flag parsing into the typed config, validation messages that name the flag, and the
+sections of the config (config.json's grouped layout, the older flat one)."""
 
 import pytest
 from absl import flags
 
-from dino_keras.config import ConfigError, TrainConfig, config_from_flags, define_flags
+from dino_keras.config import (
+    RENAMED_FIELDS,
+    SECTION_NAMES,
+    SECTION_OF,
+    SECTIONS,
+    ConfigError,
+    TrainConfig,
+    config_from_flags,
+    define_flags,
+)
 
 
 def parse(*argv):
@@ -93,8 +103,10 @@ def test_multicrop_can_be_disabled():
 def test_to_json_round_trips_fields():
     import json
 
-    config = TrainConfig()
-    assert json.loads(config.to_json())["arch"] == "vit_small"
+    config = TrainConfig.from_dict({"arch": "vit_tiny", "global_crops_scale": "0.5,1"})
+    saved = json.loads(config.to_json())
+    assert saved["model"]["arch"] == "vit_tiny" and saved["crops"]["global_crops_scale"] == [0.5, 1]
+    assert TrainConfig.from_dict(saved) == config
 
 
 def test_every_recipe_in_configs_parses_and_validates(monkeypatch):
@@ -190,3 +202,170 @@ def test_eval_scripts_limit_train_is_an_alias_of_limit_images(capsys):
     flag_values(["eval_knn.py", "--limit_train=16"])
     assert flag_values.limit_images == 16
     assert "--limit_train is deprecated; use --limit_images" in capsys.readouterr().err
+
+
+# A config far from the defaults in every section, with ranges, booleans and strings.
+CHANGED = {
+    "arch": "vit_tiny",
+    "patch_size": 8,
+    "norm_last_layer": False,
+    "local_crops_scale": (0.1, 0.3),
+    "blur_sigma": (0.2, 1.5),
+    "optimizer": "sgd",
+    "lr": 0.03,
+    "teacher_temp": 0.07,
+    "centering": "sinkhorn_knopp",
+    "data_path": "tfds:cifar10",
+    "limit_images": 100,
+    "output_dir": "runs/elsewhere",
+    "deterministic": True,
+    "strategy": "mirrored",
+    "cpu_replicas": 2,
+    "nb_knn": 5,
+    "temperature": 0.1,
+}
+
+
+def test_every_field_is_in_exactly_one_section():
+    import dataclasses
+
+    fields = [field.name for field in dataclasses.fields(TrainConfig)]
+    in_sections = [name for names in SECTIONS.values() for name in names]
+    assert len(in_sections) == len(set(in_sections)) == len(fields)
+    assert set(in_sections) == set(fields)
+    assert tuple(SECTIONS) == SECTION_NAMES
+    assert SECTION_NAMES == (
+        "model",
+        "crops",
+        "optimisation",
+        "teacher",
+        "data",
+        "run",
+        "evaluation",
+    )
+    assert all(SECTIONS.values())  # no empty section
+    # A section named like a setting would make the grouped and the flat form ambiguous.
+    assert not set(SECTION_NAMES) & (set(fields) | set(RENAMED_FIELDS))
+    # The groups of the field comments in config.py.
+    for name, section in [
+        ("arch", "model"),
+        ("drop_path_rate", "model"),
+        ("global_crops_scale", "crops"),
+        ("blur_sigma", "crops"),
+        ("use_fp16", "optimisation"),
+        ("optimizer", "optimisation"),
+        ("momentum_teacher", "teacher"),
+        ("koleo_loss_weight", "teacher"),
+        ("data_path", "data"),
+        ("num_workers", "data"),
+        ("output_dir", "run"),
+        ("stop_on_collapse", "run"),
+        ("eval_data_path", "evaluation"),
+        ("eval_batch_size", "evaluation"),
+    ]:
+        assert SECTION_OF[name] == section, name
+
+
+def test_a_field_without_a_section_is_refused():
+    import dataclasses
+
+    from dino_keras.config import _model, _sections_of
+
+    unsectioned = dataclasses.make_dataclass(
+        "Unsectioned", [("arch", str, _model("vit_small", "")), ("extra", int, 0)]
+    )
+    with pytest.raises(TypeError, match="Unsectioned.extra"):
+        _sections_of(unsectioned)
+    named_like_a_section = dataclasses.make_dataclass("Ambiguous", [("model", str, _model("", ""))])
+    with pytest.raises(TypeError, match="Ambiguous.model: a field named like a section"):
+        _sections_of(named_like_a_section)
+
+
+def test_to_sections_groups_every_value_and_round_trips():
+    import json
+
+    config = TrainConfig.from_dict(CHANGED)
+    sections = config.to_sections()
+    assert list(sections) == list(SECTION_NAMES)
+    for section, values in sections.items():
+        assert tuple(values) == SECTIONS[section]
+        for name, value in values.items():
+            assert value == getattr(config, name), name
+    assert sections["model"]["arch"] == "vit_tiny" and sections["run"]["cpu_replicas"] == 2
+    assert sections["crops"]["blur_sigma"] == (0.2, 1.5)
+    assert TrainConfig.from_dict(sections) == config
+    # Through JSON (ranges become lists), as config.json is written and read back.
+    assert TrainConfig.from_dict(json.loads(json.dumps(sections))) == config
+    # Missing sections and keys keep their defaults, as missing flat keys do.
+    partial = TrainConfig.from_dict({"model": {"arch": "vit_tiny"}, "evaluation": {}})
+    assert partial == TrainConfig(arch="vit_tiny")
+
+
+def test_the_flat_form_of_older_runs_still_loads():
+    import dataclasses
+    import json
+
+    config = TrainConfig.from_dict(CHANGED)
+    flat = json.loads(json.dumps(dataclasses.asdict(config)))
+    assert "arch" in flat and "model" not in flat
+    assert TrainConfig.from_dict(flat) == config
+    assert TrainConfig.flatten(config.to_sections()) == dataclasses.asdict(config)
+    # An older run's flat config.json with the former names of the k-NN settings.
+    old = {k: v for k, v in flat.items() if k not in ("nb_knn", "temperature")}
+    loaded = TrainConfig.from_dict({**old, "knn_k": 5, "knn_temperature": 0.1})
+    assert loaded == config
+    # A former name inside its section is read too.
+    assert TrainConfig.from_dict({"evaluation": {"knn_k": 7}}).nb_knn == 7
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"modle": {"arch": "vit_tiny"}},
+            r"^unknown section 'modle' \(the sections of TrainConfig are model, crops, "
+            r"optimisation, teacher, data, run, evaluation\)",
+        ),
+        ({"no_such_section": {}}, r"^unknown section 'no_such_section'"),
+        ({"extras": 3}, r"^unknown section 'extras'"),
+        ({"model": {"no_such_flag": 1}}, r"^--no_such_flag: unknown setting in section 'model'"),
+        ({"model": {"lr": 0.1}}, r"^--lr: in section 'model', but belongs in 'optimisation'"),
+        ({"depth": 3}, r"^--depth: outside its section 'model' in a grouped config"),
+        ({"model": "vit_tiny"}, r"^section 'model': expected an object, got 'vit_tiny'"),
+        ({"model": {"depth": 2.5}}, r"^--depth: expected an integer"),
+    ],
+)
+def test_unknown_sections_and_misplaced_keys_are_refused_by_name(change, message):
+    grouped = TrainConfig().to_sections()
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_dict({**grouped, **change})
+
+
+def test_the_run_config_json_is_grouped_and_guards_the_architecture(tmp_path):
+    import dataclasses
+    import json
+
+    import tensorflow as tf
+
+    from dino_keras.checkpointing import check_or_write_run_config
+
+    config = TrainConfig.from_dict({**CHANGED, "output_dir": str(tmp_path)})
+    check_or_write_run_config(config)  # no checkpoint yet: written
+    with open(tmp_path / "config.json") as f:
+        saved = json.load(f)
+    assert sorted(saved) == sorted(SECTION_NAMES)
+    assert saved["model"]["arch"] == "vit_tiny" and saved["data"]["data_path"] == "tfds:cifar10"
+    assert TrainConfig.from_dict(saved) == config
+    # With a checkpoint in the run, another architecture is refused: read from the grouped
+    # config.json and from an older run's flat one.
+    tf.train.Checkpoint(step=tf.Variable(1)).save(str(tmp_path / "checkpoints" / "latest"))
+    deeper = dataclasses.replace(config, depth=3)
+    with pytest.raises(ConfigError, match=r"^--depth=3 differs from the checkpoints"):
+        check_or_write_run_config(deeper)
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(dataclasses.asdict(config), f)
+    with pytest.raises(ConfigError, match=r"^--depth=3 differs from the checkpoints"):
+        check_or_write_run_config(deeper)
+    check_or_write_run_config(dataclasses.replace(config, lr=0.01))  # not architecture
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["optimisation"]["lr"] == 0.01

@@ -70,7 +70,7 @@ def test_run_on_ram_filesystem_writes_everything_and_resumes_from_its_backup(
     assert summary["epochs_completed"] == 2
     assert summary["checkpoint"] == run_dir.join(checkpoints, "latest-2")
     assert run_dir.read_json(run_dir.join(output_dir, "summary.json")) == summary
-    assert run_dir.read_config(output_dir)["output_dir"] == output_dir
+    assert run_dir.read_config(output_dir)["run"]["output_dir"] == output_dir
     records = run_dir.read_jsonl(run_dir.join(output_dir, "log.jsonl"))
     assert sorted({r["epoch"] for r in records if "loss" in r}) == [1, 2]
     assert records[0]["epoch"] == 0 and "knn_top1" in records[0]  # k-NN before training

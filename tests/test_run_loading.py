@@ -62,20 +62,27 @@ def test_checkpoint_of_another_architecture_is_refused(run, tmp_path):
     with open(directory / "config.json") as f:
         config = json.load(f)
     with open(shallow / "config.json", "w") as f:
-        json.dump({**config, "depth": 3}, f)
+        json.dump({**config, "model": {**config["model"], "depth": 3}}, f)
     with pytest.raises(RunLoadingError, match="missing from the checkpoint"):
         load_backbone(str(shallow))
-    # An older run's config.json, with the former names of the k-NN settings: still loads.
+    # An older run's config.json, flat and with the former names of the k-NN settings: still
+    # loads.
     renamed = tmp_path / "renamed"
     shutil.copytree(directory, renamed)
-    old_keys = {k: v for k, v in config.items() if k not in ("nb_knn", "temperature")}
+    flat = {k: v for section in config.values() for k, v in section.items()}
+    old_keys = {k: v for k, v in flat.items() if k not in ("nb_knn", "temperature")}
     with open(renamed / "config.json", "w") as f:
         json.dump({**old_keys, "knn_k": 9, "knn_temperature": 0.1}, f)
     assert load_backbone(str(renamed)).config.nb_knn == 9
-    # A config.json with a setting TrainConfig does not have: refused, naming the key.
+    # A config.json with a setting or a section TrainConfig does not have: refused, naming it.
     with open(shallow / "config.json", "w") as f:
-        json.dump({**config, "no_such_setting": 1}, f)
+        json.dump({**config, "model": {**config["model"], "no_such_setting": 1}}, f)
     with pytest.raises(RunLoadingError, match="--no_such_setting: unknown setting") as error:
+        load_backbone(str(shallow))
+    assert str(shallow / "config.json") in str(error.value)
+    with open(shallow / "config.json", "w") as f:
+        json.dump({**config, "no_such_section": {}}, f)
+    with pytest.raises(RunLoadingError, match="unknown section 'no_such_section'") as error:
         load_backbone(str(shallow))
     assert str(shallow / "config.json") in str(error.value)
 

@@ -67,7 +67,7 @@ def test_run_writes_log_summary_checkpoints_and_resumes_identically(tmp_path, mo
         assert key in records[1], key
     assert summary["epochs_completed"] == 2 and summary["knn_top1_initial"] is not None
     assert json.load(open(os.path.join(out, "summary.json")))["epochs_completed"] == 2
-    assert json.load(open(os.path.join(out, "config.json")))["embed_dim"] == 32
+    assert json.load(open(os.path.join(out, "config.json")))["model"]["embed_dim"] == 32
     from tensorboard.backend.event_processing import event_accumulator
 
     events = event_accumulator.EventAccumulator(os.path.join(out, "tensorboard"))

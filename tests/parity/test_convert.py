@@ -209,7 +209,8 @@ def test_report_lists_unused_keys_and_unfilled_weights(tmp_path):
         assert line in text
     with open(tmp_path / "run" / "config.json") as f:
         saved = json.load(f)
-    assert (saved["arch"], saved["embed_dim"], saved["patch_size"], saved["global_crops_size"]) == (
+    model, crops = saved["model"], saved["crops"]
+    assert (model["arch"], model["embed_dim"], model["patch_size"], crops["global_crops_size"]) == (
         "vit_tiny",
         32,
         4,
@@ -296,9 +297,7 @@ def test_full_checkpoint_round_trip(tmp_path, report_diff):
     }
 
     with open(out / "config.json") as f:
-        config = TrainConfig(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()}
-        )
+        config = TrainConfig.from_dict(json.load(f))
     trainer = build_trainer(config, 5, config.batch_size_per_gpu)
     checkpoint = TrainingCheckpoint(
         config.checkpoint_dir,

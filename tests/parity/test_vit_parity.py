@@ -73,9 +73,7 @@ def test_vit_small_16_through_a_converted_run_directory(tmp_path, report_diff):
     report = convert(vit.state_dict(), str(tmp_path / "run"), overrides={"out_dim": 256})
     assert sorted(report.unused) == ["head.bias", "head.weight"]  # timm's classifier
     with open(tmp_path / "run" / "config.json") as f:
-        config = TrainConfig(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()}
-        )
+        config = TrainConfig.from_dict(json.load(f))
     assert (config.arch, config.patch_size, config.global_crops_size) == ("vit_small", 16, 224)
     trainer = build_trainer(config, 1, config.batch_size_per_gpu)
     checkpoint = TrainingCheckpoint(
