@@ -1,0 +1,120 @@
+"""Where the compiled training step spends its time: a TensorFlow profiler trace of a few steps,
+summed by XLA operation kind.
+
+    python benchmarks/profile_step.py [--recipe=demo|paper] [--steps=3] [--top=25]
+        [--trace_dir=/tmp/dino_profile]
+
+Builds the step as `benchmarks/benchmark.py`'s `step` case does (crops already in memory),
+runs it once to compile, then traces `--steps` calls. Prints, per kind of XLA operation (dot,
+convolution, each fusion kind, copy, ...), its share of the traced time on all threads, and the
+`--top` single operations by total time. The trace stays in `--trace_dir` for TensorBoard's
+profile plugin.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import os
+import re
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+from benchmarks import benchmarking  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("recipe", "demo", "paper or demo (as benchmarks/benchmark.py).")
+flags.DEFINE_integer("steps", 3, "Traced steps after the compiling call and one warm-up.")
+flags.DEFINE_integer("top", 25, "Single operations listed by total time.")
+flags.DEFINE_string("trace_dir", "/tmp/dino_profile", "Where the profiler writes its trace.")
+
+
+def operation_kind(name: str) -> str:
+    """'fusion.12' -> 'fusion', 'dot.3' -> 'dot', 'loop_add_fusion.1' -> 'loop_add_fusion'."""
+    return re.sub(r"[.\d]+$", "", name.split(":")[0]) or name
+
+
+def self_times(events):
+    """(name, self time) of each (name, offset, duration) event of one thread: its duration
+    less that of the events nested in it, so that wrappers around the compiled program
+    (executor, eager call) do not count its operations twice."""
+    open_events = []  # [end, name, self time] of the enclosing events
+    for name, offset, duration in sorted(events, key=lambda e: (e[1], -e[2])):
+        while open_events and open_events[-1][0] <= offset:
+            _, closed, self_time = open_events.pop()
+            yield closed, self_time
+        if open_events:
+            open_events[-1][2] -= duration
+        open_events.append([offset + duration, name, duration])
+    for _, closed, self_time in reversed(open_events):
+        yield closed, self_time
+
+
+def read_events(trace_dir: str):
+    """(thread name, event name, self time in ps) for every event of the trace."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
+    if not paths:
+        raise SystemExit(f"--trace_dir: no *.xplane.pb under {trace_dir}")
+    space = xplane_pb2.XSpace()
+    with open(paths[-1], "rb") as handle:
+        space.ParseFromString(handle.read())
+    for plane in space.planes:
+        names = {key: meta.name for key, meta in plane.event_metadata.items()}
+        for line in plane.lines:
+            events = [(names.get(e.metadata_id, "?"), e.offset_ps, e.duration_ps)
+                      for e in line.events]
+            for name, self_time in self_times(events):
+                yield line.name, name, self_time
+
+
+def main(argv):
+    del argv
+    import tensorflow as tf
+
+    config = benchmarking.BenchmarkConfig(recipe=FLAGS.recipe, cases=("step",)).resolved()
+    train_config = config.train_config()
+    trainer = benchmarking._build_trainer(config, train_config)
+    batch = train_config.batch_size_per_gpu
+    sizes = [train_config.global_crops_size] * 2
+    sizes += [train_config.local_crops_size] * train_config.local_crops_number
+    crops = tuple(
+        tf.random.stateless_normal([batch, size, size, 3], [0, i]) for i, size in enumerate(sizes)
+    )
+    iterator = iter(tf.data.Dataset.from_tensors(crops).repeat())
+    trainer.make_train_function()
+    for _ in range(2):
+        float(trainer.train_function(iterator)["loss"])
+    tf.profiler.experimental.start(FLAGS.trace_dir)
+    for _ in range(FLAGS.steps):
+        float(trainer.train_function(iterator)["loss"])
+    tf.profiler.experimental.stop()
+
+    by_kind = collections.Counter()
+    by_name = collections.Counter()
+    threads = collections.Counter()
+    for thread, name, duration in read_events(FLAGS.trace_dir):
+        threads[thread] += duration
+        by_kind[operation_kind(name)] += duration
+        by_name[name] += duration
+    total = sum(by_kind.values())
+    print(f"{FLAGS.steps} steps, recipe {FLAGS.recipe}; self time of all events on all threads: "
+          f"{total / 1e12:.3f} s")
+    print("\nby thread:")
+    for thread, duration in threads.most_common(10):
+        print(f"  {duration / 1e12:8.3f} s  {thread}")
+    print("\nby operation kind (per step):")
+    for kind, duration in by_kind.most_common(30):
+        print(f"  {duration / 1e9 / FLAGS.steps:9.2f} ms  {100 * duration / total:5.1f}%  {kind}")
+    print(f"\ntop {FLAGS.top} operations (per step):")
+    for name, duration in by_name.most_common(FLAGS.top):
+        print(f"  {duration / 1e9 / FLAGS.steps:9.2f} ms  {name}")
+
+
+if __name__ == "__main__":
+    app.run(main)
