@@ -392,12 +392,11 @@ def _flop_figures(train_config: TrainConfig, images_per_second: float) -> dict:
     }
 
 
-def case_step(config: BenchmarkConfig) -> dict:
+def trainer_on_crops_in_memory(config: BenchmarkConfig, train_config: TrainConfig):
+    """(trainer with its train function made, an endless iterator over one batch of random
+    crops of the recipe's sizes): the training step without any input pipeline."""
     import tensorflow as tf
 
-    from dino_keras.memory import FreeMemoryReleaser
-
-    train_config = config.train_config()
     trainer = _build_trainer(config, train_config)
     batch = train_config.batch_size_per_gpu
     shapes = [train_config.global_crops_size] * 2
@@ -406,8 +405,16 @@ def case_step(config: BenchmarkConfig) -> dict:
         tf.random.stateless_normal([batch, size, size, 3], [config.seed, i])
         for i, size in enumerate(shapes)
     )
-    iterator = iter(tf.data.Dataset.from_tensors(crops).repeat())
     trainer.make_train_function()
+    return trainer, iter(tf.data.Dataset.from_tensors(crops).repeat())
+
+
+def case_step(config: BenchmarkConfig) -> dict:
+    from dino_keras.memory import FreeMemoryReleaser
+
+    train_config = config.train_config()
+    trainer, iterator = trainer_on_crops_in_memory(config, train_config)
+    batch = train_config.batch_size_per_gpu
 
     def one_call() -> float:
         # Reading the loss waits for the step to finish.

@@ -78,16 +78,7 @@ def main(argv):
     import tensorflow as tf
 
     config = benchmarking.BenchmarkConfig(recipe=FLAGS.recipe, cases=("step",)).resolved()
-    train_config = config.train_config()
-    trainer = benchmarking._build_trainer(config, train_config)
-    batch = train_config.batch_size_per_gpu
-    sizes = [train_config.global_crops_size] * 2
-    sizes += [train_config.local_crops_size] * train_config.local_crops_number
-    crops = tuple(
-        tf.random.stateless_normal([batch, size, size, 3], [0, i]) for i, size in enumerate(sizes)
-    )
-    iterator = iter(tf.data.Dataset.from_tensors(crops).repeat())
-    trainer.make_train_function()
+    trainer, iterator = benchmarking.trainer_on_crops_in_memory(config, config.train_config())
     for _ in range(2):
         float(trainer.train_function(iterator)["loss"])
     tf.profiler.experimental.start(FLAGS.trace_dir)
