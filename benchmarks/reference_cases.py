@@ -92,8 +92,12 @@ def reference_training(config: BenchmarkConfig, train_config) -> ref.ReferenceTr
         teacher,
         torch.zeros(1, train_config.out_dim),
         config=train_config,
-        # As the `step` case's trainer: the epoch of config.num_images images.
-        steps_per_epoch=config.num_images // batch,
+        # As the `step` case's trainer: the epoch of config.num_images images, unless the
+        # case's calls (first, warm-up and timed) run past the schedule's end.
+        steps_per_epoch=max(
+            config.num_images // batch,
+            -(-(1 + config.warmup + config.steps) // train_config.epochs),
+        ),
         global_batch=batch,
     )
 

@@ -225,3 +225,14 @@ def test_time_pipeline_times_the_batches_after_the_first_and_the_warmup(monkeypa
     assert last == 5 and next(batches) == 6  # 1 first + 2 warm-up + 3 timed batches read
     # First batch: ticks 0 -> 1; timed: ticks 2 -> 3, 3 timed batches of 4 images in 1 s.
     assert figures == {"images_per_second": 12.0, "first_batch_seconds": 1.0, "workers": 1}
+
+
+def test_reference_schedule_covers_every_call_of_a_long_step_case():
+    # --recipe=demo --steps=30: 1 + 1 + 30 calls; the epoch of 128 images is 2 steps of 64, so
+    # 8 epochs made a schedule of 16 entries, and the 17th call failed (IndexError).
+    from benchmarks.reference_cases import reference_training
+
+    config = BenchmarkConfig(recipe="demo", short=True, steps=30, warmup=1).resolved()
+    train_config = config.train_config()
+    training = reference_training(config, train_config)
+    assert len(training.lr_schedule) >= 1 + config.warmup + config.steps
