@@ -77,7 +77,9 @@ def test_config_resolution_and_validation():
     assert (config.steps, config.warmup, config.num_images) == (3, 2, 16)
     assert BenchmarkConfig(cases=("pipeline",)).resolved().cases == ("pipeline",)
     demo = BenchmarkConfig(recipe="demo").resolved()
-    assert demo.train_config().embed_dim == 64 and demo.num_images == 256
+    # demo.cfg's batch of 64: the default 128 images already make two batches.
+    demo_config = demo.train_config()
+    assert (demo_config.embed_dim, demo_config.batch_size_per_gpu, demo.num_images) == (64, 64, 128)
     # Loader processes: the recipe's (paper: the reference's 2 workers; demo.cfg: none), 1 for
     # --short, or the flag's.
     assert [

@@ -30,21 +30,25 @@ from benchmarks import reference_torch as ref
 from dino_keras.checkpointing import TrainingCheckpoint
 from dino_keras.convert import backbone_assignments, convert, head_assignments
 from dino_keras.training import build_trainer
+from tests.helpers import tiny_values
 
 TOLERANCE = 1e-4  # relative
 CHANGE_TOLERANCE = 1e-2  # norm-wise relative, of the weight changes
 STEPS = 3
 BATCH = 4
+# configs/tiny.cfg's network and crops, with this test's batch, schedules and temperatures.
 TINY = dict(
-    arch="vit_tiny",
-    embed_dim=32,
-    depth=2,
-    num_heads=2,
-    patch_size=4,
-    global_crops_size=28,
-    local_crops_size=12,
-    local_crops_number=2,
-    out_dim=64,
+    **tiny_values(
+        "arch",
+        "embed_dim",
+        "depth",
+        "num_heads",
+        "patch_size",
+        "global_crops_size",
+        "local_crops_size",
+        "local_crops_number",
+        "out_dim",
+    ),
     batch_size_per_gpu=BATCH,
     drop_path_rate=0.0,
     epochs=2,
