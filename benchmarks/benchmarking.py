@@ -367,18 +367,26 @@ def case_matmul_peak(config: BenchmarkConfig) -> dict:
     return result
 
 
+def schedule_steps_per_epoch(config: BenchmarkConfig, train_config: TrainConfig) -> int:
+    """Steps per epoch of the schedules of both sides' trainers: the epoch of
+    `config.num_images` images, or more where a case's calls (first, warm-up and timed) would
+    run past the schedule's end."""
+    calls = (1 + config.warmup + config.steps) * train_config.steps_per_execution
+    return max(
+        config.num_images // train_config.batch_size_per_gpu, -(-calls // train_config.epochs)
+    )
+
+
 def _build_trainer(config: BenchmarkConfig, train_config: TrainConfig):
     """The trainer, built as training builds it."""
     import keras
 
-    from dino_keras.data.multicrop import steps_per_epoch
     from dino_keras.training import build_trainer
 
     keras.utils.set_random_seed(train_config.seed)
     keras.mixed_precision.set_global_policy(train_config.compute_precision)
-    batch = train_config.batch_size_per_gpu
-    steps = steps_per_epoch(config.num_images, batch)
-    return build_trainer(train_config, steps, batch)
+    steps = schedule_steps_per_epoch(config, train_config)
+    return build_trainer(train_config, steps, train_config.batch_size_per_gpu)
 
 
 def _flop_figures(train_config: TrainConfig, images_per_second: float) -> dict:

@@ -28,7 +28,12 @@ import time
 import torch
 
 from benchmarks import reference_torch as ref
-from benchmarks.benchmarking import BenchmarkConfig, image_folder, time_pipeline
+from benchmarks.benchmarking import (
+    BenchmarkConfig,
+    image_folder,
+    schedule_steps_per_epoch,
+    time_pipeline,
+)
 
 # The reference's ViT: its position-embedding grid is for 224 px crops (img_size=[224]).
 REFERENCE_IMAGE_SIZE = 224
@@ -92,12 +97,7 @@ def reference_training(config: BenchmarkConfig, train_config) -> ref.ReferenceTr
         teacher,
         torch.zeros(1, train_config.out_dim),
         config=train_config,
-        # As the `step` case's trainer: the epoch of config.num_images images, unless the
-        # case's calls (first, warm-up and timed) run past the schedule's end.
-        steps_per_epoch=max(
-            config.num_images // batch,
-            -(-(1 + config.warmup + config.steps) // train_config.epochs),
-        ),
+        steps_per_epoch=schedule_steps_per_epoch(config, train_config),  # as the `step` case's
         global_batch=batch,
     )
 

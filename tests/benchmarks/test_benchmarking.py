@@ -11,6 +11,7 @@ from benchmarks.benchmarking import (
     vit_forward_flops,
 )
 from dino_keras.config import TrainConfig
+from tests.helpers import REPO_ROOT
 
 
 def test_vit_forward_flops_small_case_by_hand():
@@ -233,7 +234,6 @@ def test_reference_schedule_covers_every_call_of_a_long_step_case():
     # --recipe=demo --steps=30: 1 + 1 + 30 calls; the epoch of 128 images is 2 steps of 64, so
     # 8 epochs made a schedule of 16 entries, and the 17th call failed (IndexError). In its own
     # process, as the benchmark runs it: PyTorch imported after TensorFlow can crash.
-    import os
     import subprocess
     import sys
 
@@ -243,9 +243,8 @@ def test_reference_schedule_covers_every_call_of_a_long_step_case():
         "config = BenchmarkConfig(recipe='demo', short=True, steps=30, warmup=1).resolved()\n"
         "print(len(reference_training(config, config.train_config()).lr_schedule))\n"
     )
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     result = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert int(result.stdout.split()[-1]) >= 1 + 1 + 30
