@@ -40,40 +40,55 @@ def test_teacher_starts_as_exact_copy_and_is_not_trainable():
         np.testing.assert_array_equal(teacher_var.numpy(), student_var.numpy())
 
 
-def test_one_step_applies_ema_with_scheduled_momentum_and_updates_center():
+@pytest.fixture(scope="module")
+def two_fits_of_one_step():
+    """One trainer fitted for one step, then for one more: (trainer, its teacher and centre
+    before, the teacher's step-0 outputs, the state after step 1, the second fit's history).
+    Shared so that the step is compiled once for the tests that read it."""
+    keras.mixed_precision.set_global_policy("float32")
     trainer = make_trainer()
     pairs = matching_parameters(trainer.student, trainer.teacher)
     teacher_before = [t.numpy() for t, _ in pairs]
-    crops = fixed_crops()
-    teacher_out = trainer.teacher(list(crops[:2]), training=True).numpy()
+    teacher_out = trainer.teacher(list(fixed_crops()[:2]), training=True).numpy()
     trainer.fit(crops_dataset(1), epochs=1, steps_per_epoch=1, verbose=0)
+    after_one_step = {
+        "teacher": [t.numpy() for t, _ in pairs],
+        "student": [s.numpy() for _, s in pairs],
+        "center": trainer.center.numpy(),
+    }
+    history = trainer.fit(crops_dataset(1), epochs=1, steps_per_epoch=1, verbose=0)
+    return trainer, teacher_before, teacher_out, after_one_step, history
+
+
+def test_one_step_applies_ema_with_scheduled_momentum_and_updates_center(two_fits_of_one_step):
+    _, teacher_before, teacher_out, after, _ = two_fits_of_one_step
     m = 0.9  # momentum schedule at step 0 is the base value
-    for (teacher_var, student_var), before in zip(pairs, teacher_before, strict=False):
-        np.testing.assert_allclose(
-            teacher_var.numpy(), m * before + (1 - m) * student_var.numpy(), rtol=1e-5, atol=1e-7
-        )
+    for teacher, student, before in zip(
+        after["teacher"], after["student"], teacher_before, strict=True
+    ):
+        np.testing.assert_allclose(teacher, m * before + (1 - m) * student, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(
-        trainer.center.numpy(), 0.1 * teacher_out.mean(0, keepdims=True), rtol=1e-4, atol=1e-6
+        after["center"], 0.1 * teacher_out.mean(0, keepdims=True), rtol=1e-4, atol=1e-6
     )
-    assert int(trainer.optimizer.iterations) == 1
+    assert len(teacher_before) > 10
 
 
-@pytest.mark.parametrize("steps_per_execution", [2, 4])
-def test_ema_once_per_optimizer_step_with_steps_per_execution(steps_per_execution):
+def test_ema_once_per_optimizer_step_with_steps_per_execution():
     reference = make_trainer()
     reference.fit(crops_dataset(4), epochs=1, steps_per_epoch=4, verbose=0)
-    grouped = make_trainer(steps_per_execution=steps_per_execution)
-    grouped.fit(crops_dataset(4), epochs=1, steps_per_epoch=4, verbose=0)
-    assert int(grouped.optimizer.iterations) == 4
-    for (a, _), (b, _) in zip(
-        matching_parameters(reference.student, reference.teacher),
-        matching_parameters(grouped.student, grouped.teacher),
-        strict=False,
-    ):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(
-        reference.center.numpy(), grouped.center.numpy(), rtol=1e-5, atol=1e-7
-    )
+    for steps_per_execution in (2, 4):
+        grouped = make_trainer(steps_per_execution=steps_per_execution)
+        grouped.fit(crops_dataset(4), epochs=1, steps_per_epoch=4, verbose=0)
+        assert int(grouped.optimizer.iterations) == 4
+        for (a, _), (b, _) in zip(
+            matching_parameters(reference.student, reference.teacher),
+            matching_parameters(grouped.student, grouped.teacher),
+            strict=True,
+        ):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            reference.center.numpy(), grouped.center.numpy(), rtol=1e-5, atol=1e-7
+        )
 
 
 def test_last_layer_not_updated_during_first_epoch_then_updated():
@@ -97,8 +112,8 @@ def test_last_layer_not_updated_during_first_epoch_then_updated():
     assert not np.allclose(last.numpy(), initial)
 
 
-def test_fit_alone_runs_the_momentum_schedule_from_base_to_one():
-    trainer = make_trainer()
+def test_fit_alone_runs_the_momentum_schedule_from_base_to_one(two_fits_of_one_step):
+    trainer, *_, history = two_fits_of_one_step
     total = trainer.momentum_schedule.total_steps
     assert total == tiny_config().epochs * STEPS_PER_EPOCH
     assert float(trainer.momentum_schedule(0)) == pytest.approx(0.9)
@@ -106,14 +121,12 @@ def test_fit_alone_runs_the_momentum_schedule_from_base_to_one():
     last = 1.0 - 0.1 * 0.5 * (1.0 + np.cos(np.pi * (total - 1) / total))
     assert float(trainer.momentum_schedule(total - 1)) == pytest.approx(last)
     assert float(trainer.momentum_schedule(10 * total)) == pytest.approx(last)
-    history = trainer.fit(crops_dataset(2), epochs=1, steps_per_epoch=2, verbose=0)
-    # the logged momentum is the last step's (step 1), and no callback was given
+    # the second fit's one step is step 1: its logged momentum, and no callback was given
     assert history.history["momentum"][-1] == pytest.approx(float(trainer.momentum_schedule(1)))
 
 
-def test_logs_report_schedules_and_collapse_monitors():
-    trainer = make_trainer()
-    history = trainer.fit(crops_dataset(2), epochs=1, steps_per_epoch=2, verbose=0)
+def test_logs_report_schedules_and_collapse_monitors(two_fits_of_one_step):
+    *_, history = two_fits_of_one_step
     logs = {k: v[-1] for k, v in history.history.items()}
     for name in (
         "loss",

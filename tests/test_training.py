@@ -13,14 +13,21 @@ from dino_keras.callbacks import SaveCheckpoints
 from dino_keras.config import ConfigError
 from dino_keras.data.sources import DataSourceError
 from dino_keras.training import run_training
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, write_idx_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_config(tmp_path, **overrides):
+@pytest.fixture(scope="module")
+def idx_data(tmp_path_factory):
+    """A small labelled idx data set (train and test split) for the runs of this module: the
+    k-NN evaluations at both ends of each run read 200 test images, not Fashion-MNIST's 10k."""
+    return write_idx_dataset(tmp_path_factory.mktemp("idx"), train=96, test=200, classes=4)
+
+
+def run_config(tmp_path, data_path, **overrides):
     values = dict(
-        data_path="fashion_mnist",
+        data_path=data_path,
         limit_images=64,
         batch_size_per_gpu=16,
         epochs=2,
@@ -46,8 +53,9 @@ def final_weights(output_dir):
 
 
 @pytest.mark.slow
-def test_run_writes_log_summary_checkpoints_and_resumes_identically(tmp_path, monkeypatch):
-    uninterrupted = run_config(tmp_path / "a", saveckp_freq=1)
+def test_run_writes_log_summary_checkpoints_and_resumes_identically(tmp_path, monkeypatch,
+                                                                     idx_data):
+    uninterrupted = run_config(tmp_path / "a", idx_data, saveckp_freq=1)
     summary = run_training(uninterrupted)
     out = uninterrupted.output_dir
     records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
@@ -89,7 +97,7 @@ def test_run_writes_log_summary_checkpoints_and_resumes_identically(tmp_path, mo
     assert kept and kept[0].startswith("epoch-0001")
 
     # Same command, killed after the first epoch's checkpoint, then rerun.
-    interrupted = run_config(tmp_path / "b", saveckp_freq=1)
+    interrupted = run_config(tmp_path / "b", idx_data, saveckp_freq=1)
     original_save = SaveCheckpoints.on_epoch_end
 
     def save_then_die(self, epoch, logs=None):
@@ -116,19 +124,19 @@ def test_run_writes_log_summary_checkpoints_and_resumes_identically(tmp_path, mo
 
 def test_missing_and_empty_data_paths_fail_before_work(tmp_path):
     with pytest.raises(DataSourceError, match="--data_path"):
-        run_training(run_config(tmp_path, data_path=str(tmp_path / "nope")))
+        run_training(run_config(tmp_path, str(tmp_path / "nope")))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataSourceError, match="--data_path"):
-        run_training(run_config(tmp_path, data_path=str(tmp_path / "empty")))
+        run_training(run_config(tmp_path, str(tmp_path / "empty")))
     assert not os.path.exists(tmp_path / "run")  # nothing written
 
 
-def test_architecture_change_refused_without_touching_checkpoints(tmp_path):
-    config = run_config(tmp_path, epochs=1)
+def test_architecture_change_refused_without_touching_checkpoints(tmp_path, idx_data):
+    config = run_config(tmp_path, idx_data, epochs=1)
     run_training(config)
     checkpoint_files = sorted(os.listdir(config.checkpoint_dir))
     with pytest.raises(ConfigError, match="--embed_dim"):
-        run_training(run_config(tmp_path, epochs=1, embed_dim=64, num_heads=2))
+        run_training(run_config(tmp_path, idx_data, epochs=1, embed_dim=64, num_heads=2))
     assert sorted(os.listdir(config.checkpoint_dir)) == checkpoint_files
 
 
@@ -143,18 +151,18 @@ def test_image_folder_with_non_image_and_corrupt_files_trains(tmp_path):
             )
     (folder / "a" / "notes.txt").write_text("not an image")
     (folder / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    config = run_config(
-        tmp_path, data_path=str(folder), limit_images=0, batch_size_per_gpu=8, epochs=1
-    )
+    config = run_config(tmp_path, str(folder), limit_images=0, batch_size_per_gpu=8, epochs=1)
     summary = run_training(config)
     assert summary["epochs_completed"] == 1
     assert summary["knn_top1_final"] is None  # no separate test split: k-NN disabled
 
 
 @pytest.mark.slow
-def test_loader_processes_train_the_same_weights(tmp_path):
+def test_loader_processes_train_the_same_weights(tmp_path, idx_data):
     for num_workers in (0, 2):
-        run_training(run_config(tmp_path / str(num_workers), epochs=1, num_workers=num_workers))
+        run_training(
+            run_config(tmp_path / str(num_workers), idx_data, epochs=1, num_workers=num_workers)
+        )
     in_process, from_processes = final_weights(tmp_path / "0" / "run"), final_weights(
         tmp_path / "2" / "run")
     assert in_process.keys() == from_processes.keys() and len(in_process) > 100

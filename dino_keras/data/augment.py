@@ -32,7 +32,6 @@ import functools
 import math
 from typing import NamedTuple
 
-import keras_cv
 import tensorflow as tf
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -226,7 +225,10 @@ def flip_horizontally(images: tf.Tensor, flip) -> tf.Tensor:
 def _grayscale_layer():
     # float32 whatever the global Keras dtype policy (mixed_float16 would cast the crops).
     # Built on first use, not at import: creating a layer starts the TensorFlow runtime, after
-    # which logical devices (--cpu_replicas) can no longer be configured.
+    # which logical devices (--cpu_replicas) can no longer be configured. keras_cv is imported
+    # here too, so that processes which never augment (export, evaluation) skip its import.
+    import keras_cv
+
     return keras_cv.layers.Grayscale(output_channels=3, dtype="float32")
 
 

@@ -8,34 +8,43 @@ import numpy as np
 import tensorflow as tf
 
 
-def extract_features(backbone, dataset, strategy=None) -> tuple[np.ndarray, np.ndarray]:
-    """L2-normalised backbone features and labels of every (images, labels) batch.
+def embedding_function(backbone, strategy=None):
+    """(images, labels) batch -> (L2-normalised backbone features, labels), XLA-compiled.
 
-    With a multi-replica `strategy` each batch is split across the replicas (and workers) and
-    the features and labels are gathered back from all of them.
+    Kept and reused across evaluations, it is compiled once per batch shape; a new one per
+    call would compile the backbone afresh each time. With a multi-replica `strategy` each
+    batch is split across the replicas (and workers), and the features and labels are gathered
+    back from all of them.
     """
 
     @tf.function(jit_compile=True, reduce_retracing=True)
     def embed(images):
         return tf.math.l2_normalize(tf.cast(backbone(images, training=False), tf.float32), axis=-1)
 
-    features, labels = [], []
     if strategy is None:
-        for images, batch_labels in dataset:
-            features.append(embed(images).numpy())
-            labels.append(batch_labels.numpy())
-    else:
+        return lambda images, labels: (embed(images), labels)
 
-        @tf.function
-        def embed_everywhere(batch):
-            images, batch_labels = batch
-            per_replica = strategy.run(lambda x, y: (embed(x), y), args=(images, batch_labels))
-            return tuple(strategy.gather(value, axis=0) for value in per_replica)
+    @tf.function
+    def embed_everywhere(images, labels):
+        per_replica = strategy.run(lambda x, y: (embed(x), y), args=(images, labels))
+        return tuple(strategy.gather(value, axis=0) for value in per_replica)
 
-        for batch in strategy.experimental_distribute_dataset(dataset):
-            batch_features, batch_labels = embed_everywhere(batch)
-            features.append(batch_features.numpy())
-            labels.append(batch_labels.numpy())
+    return embed_everywhere
+
+
+def extract_features(
+    backbone, dataset, strategy=None, embed=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """L2-normalised backbone features and labels of every (images, labels) batch, through
+    `embed` (an `embedding_function` of `backbone` and `strategy`; a new one if None)."""
+    embed = embed or embedding_function(backbone, strategy)
+    if strategy is not None:
+        dataset = strategy.experimental_distribute_dataset(dataset)
+    features, labels = [], []
+    for images, batch_labels in dataset:
+        batch_features, batch_labels = embed(images, batch_labels)
+        features.append(batch_features.numpy())
+        labels.append(batch_labels.numpy())
     if not features:
         raise ValueError("the evaluation dataset is empty")
     return np.concatenate(features), np.concatenate(labels).astype(np.int64)
@@ -103,6 +112,8 @@ class KnnEvaluator:
     temperature: float = 0.07
     strategy: tf.distribute.Strategy | None = None  # features computed on all replicas
     _pixel_result: dict | None = dataclasses.field(default=None, init=False, repr=False)
+    # (backbone, its embedding_function): one compiled function for every evaluation of a run.
+    _embedding: tuple | None = dataclasses.field(default=None, init=False, repr=False)
 
     def pixel_baseline(self) -> dict:
         """The same k-NN on the evaluation images' own pixels (computed once)."""
@@ -113,9 +124,12 @@ class KnnEvaluator:
         return self._pixel_result
 
     def __call__(self, backbone) -> dict:
+        if self._embedding is None or self._embedding[0] is not backbone:
+            self._embedding = (backbone, embedding_function(backbone, self.strategy))
+        embed = self._embedding[1]
         return self._knn(
-            extract_features(backbone, self.train_dataset, self.strategy),
-            extract_features(backbone, self.test_dataset, self.strategy),
+            extract_features(backbone, self.train_dataset, self.strategy, embed),
+            extract_features(backbone, self.test_dataset, self.strategy, embed),
         )
 
     def _knn(self, train, test) -> dict:
