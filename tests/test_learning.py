@@ -3,7 +3,7 @@
 Not a falling loss: the teacher's k-NN@20 on the test split must beat the same run's epoch-0
 value (the random initialisation) by a fixed margin, with no collapse warning. The images are
 not the demo's: `scripts/make_image_sets.py`'s generated textures (10 classes, 32 px), at 100
-train and 100 test images per class (7 steps per epoch), trained for 140 steps (20 epochs).
+train and 100 test images per class (7 steps per epoch), trained for 70 steps (10 epochs).
 """
 
 import os
@@ -46,7 +46,7 @@ def test_small_images_recipe_learns_on_generated_textures(tmp_path, monkeypatch,
             "test",
             "--flagfile=configs/small_images.cfg",
             f"--data_path={data}",
-            "--train_steps=140",
+            "--train_steps=70",
             "--verbose=0",
             f"--output_dir={tmp_path / 'run'}",
         ]
