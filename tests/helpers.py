@@ -9,10 +9,12 @@
 * `load_script` / `run_script` run a scripts/*.py absl app in-process on fresh flags,
   `run_script_process` as a command.
 * `run_layer_test` is keras-hub's layer test for a dino_keras layer.
+* `once_across_workers` makes a directory once per test session, for every `pytest -n` worker.
 """
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import importlib.util
 import os
@@ -142,6 +144,25 @@ def run_script_process(name: str, *args: str, cwd=None) -> subprocess.CompletedP
         env=env,
         cwd=cwd,
     )
+
+
+def once_across_workers(tmp_path_factory, name: str, make) -> str:
+    """The directory `name`, filled by `make(directory)` once per test session: the first
+    `pytest -n` worker to ask makes it while the others wait on a lock, then all read it. (A
+    module fixture would run once per worker that takes one of the module's tests.)"""
+    from pathlib import Path
+
+    root = Path(tmp_path_factory.getbasetemp())
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's directory, above the workers' own
+    directory, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            directory.mkdir(exist_ok=True)
+            make(directory)
+            done.touch()
+    return directory
 
 
 def run_layer_test(layer_class, init_kwargs: dict, input_shape: tuple, save_dir,

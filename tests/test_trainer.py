@@ -73,6 +73,38 @@ def test_one_step_applies_ema_with_scheduled_momentum_and_updates_center(two_fit
     assert len(teacher_before) > 10
 
 
+def test_fit_alone_runs_the_momentum_schedule_from_base_to_one(two_fits_of_one_step):
+    trainer, *_, history = two_fits_of_one_step
+    total = trainer.momentum_schedule.total_steps
+    assert total == tiny_config().epochs * STEPS_PER_EPOCH
+    assert float(trainer.momentum_schedule(0)) == pytest.approx(0.9)
+    # the reference's cosine table over `total` steps: its last entry is just below 1
+    last = 1.0 - 0.1 * 0.5 * (1.0 + np.cos(np.pi * (total - 1) / total))
+    assert float(trainer.momentum_schedule(total - 1)) == pytest.approx(last)
+    assert float(trainer.momentum_schedule(10 * total)) == pytest.approx(last)
+    # the second fit's one step is step 1: its logged momentum, and no callback was given
+    assert history.history["momentum"][-1] == pytest.approx(float(trainer.momentum_schedule(1)))
+
+
+def test_logs_report_schedules_and_collapse_monitors(two_fits_of_one_step):
+    *_, history = two_fits_of_one_step
+    logs = {k: v[-1] for k, v in history.history.items()}
+    for name in (
+        "loss",
+        "lr",
+        "wd",
+        "momentum",
+        "teacher_temp",
+        "teacher_entropy",
+        "teacher_batch_entropy",
+        "kl_teacher_student",
+        "center_norm",
+    ):
+        assert np.isfinite(logs[name]), name
+    assert 0.0 <= logs["teacher_entropy"] <= np.log(64) + 1e-4
+    assert logs["center_norm"] > 0
+
+
 def test_ema_once_per_optimizer_step_with_steps_per_execution():
     reference = make_trainer()
     reference.fit(crops_dataset(4), epochs=1, steps_per_epoch=4, verbose=0)
@@ -110,38 +142,6 @@ def test_last_layer_not_updated_during_first_epoch_then_updated():
         verbose=0,
     )
     assert not np.allclose(last.numpy(), initial)
-
-
-def test_fit_alone_runs_the_momentum_schedule_from_base_to_one(two_fits_of_one_step):
-    trainer, *_, history = two_fits_of_one_step
-    total = trainer.momentum_schedule.total_steps
-    assert total == tiny_config().epochs * STEPS_PER_EPOCH
-    assert float(trainer.momentum_schedule(0)) == pytest.approx(0.9)
-    # the reference's cosine table over `total` steps: its last entry is just below 1
-    last = 1.0 - 0.1 * 0.5 * (1.0 + np.cos(np.pi * (total - 1) / total))
-    assert float(trainer.momentum_schedule(total - 1)) == pytest.approx(last)
-    assert float(trainer.momentum_schedule(10 * total)) == pytest.approx(last)
-    # the second fit's one step is step 1: its logged momentum, and no callback was given
-    assert history.history["momentum"][-1] == pytest.approx(float(trainer.momentum_schedule(1)))
-
-
-def test_logs_report_schedules_and_collapse_monitors(two_fits_of_one_step):
-    *_, history = two_fits_of_one_step
-    logs = {k: v[-1] for k, v in history.history.items()}
-    for name in (
-        "loss",
-        "lr",
-        "wd",
-        "momentum",
-        "teacher_temp",
-        "teacher_entropy",
-        "teacher_batch_entropy",
-        "kl_teacher_student",
-        "center_norm",
-    ):
-        assert np.isfinite(logs[name]), name
-    assert 0.0 <= logs["teacher_entropy"] <= np.log(64) + 1e-4
-    assert logs["center_norm"] > 0
 
 
 def test_mixed_bfloat16_step_is_finite():

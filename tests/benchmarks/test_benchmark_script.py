@@ -12,6 +12,8 @@ import textwrap
 
 import pytest
 
+from tests.helpers import once_across_workers
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO_ROOT, "benchmarks", "benchmark.py")
 CASES = ["matmul_peak", "step", "reference_step", "pipeline", "reference_pipeline", "fit"]
@@ -55,16 +57,31 @@ def json_lines(stdout: str) -> list[str]:
     return [line for line in stdout.splitlines() if line.startswith("{")]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def short_run(tmp_path_factory):
     """One `--short` run of every case (the default --cases), shared by the tests below."""
-    directory = tmp_path_factory.mktemp("short_run")
-    output = directory / "benchmark.jsonl"
-    result = run_benchmark("--short", f"--output={output}", f"--image_dir={directory / 'images'}")
+
+    def run(directory):
+        result = run_benchmark(
+            "--short", f"--output={directory / 'benchmark.jsonl'}",
+            f"--image_dir={directory / 'images'}",
+        )
+        (directory / "returncode").write_text(str(result.returncode))
+        (directory / "stdout").write_text(result.stdout)
+        (directory / "stderr").write_text(result.stderr)
+
+    directory = once_across_workers(tmp_path_factory, "benchmark_short_run", run)
+    result = subprocess.CompletedProcess(
+        [SCRIPT, "--short"],
+        int((directory / "returncode").read_text()),
+        (directory / "stdout").read_text(),
+        (directory / "stderr").read_text(),
+    )
     assert result.returncode == 0, result.stderr
-    return result, output, directory
+    return result, directory / "benchmark.jsonl", directory
 
 
+@pytest.mark.slow  # scheduled first with the other slow tests: one worker, one run
 def test_short_run_reports_every_case(short_run):
     result, output, directory = short_run
     lines = json_lines(result.stdout)
@@ -121,6 +138,7 @@ def test_short_run_reports_every_case(short_run):
     assert len(os.listdir(directory / "images" / "jpeg_500x375_n16")) == 16
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not TORCH_INSTALLED, reason="torch, torchvision or timm is not installed")
 def test_reference_cases_measured_at_tiny_size(short_run):
     result, _, _ = short_run
@@ -137,6 +155,7 @@ def test_reference_cases_measured_at_tiny_size(short_run):
     assert "reference_pipeline: batches made by 1 DataLoader worker process(es)" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not TORCH_INSTALLED, reason="torch, torchvision or timm is not installed")
 def test_printed_ratios_are_the_quotients_of_the_same_runs_figures(short_run):
     result, output, _ = short_run
