@@ -77,11 +77,14 @@ def test_sigkill_mid_epoch_then_rerun_matches_an_uninterrupted_run(uninterrupted
     flags = run_flags(data, output_dir, dump)
     process = training_process(*flags, wait=False)
     backups = output_dir / "checkpoints" / "backup"
-    # Kill once a backup inside the second epoch exists (step 8 or 10).
+    # Kill once a backup inside the second epoch is committed (step 8 or 10): named by the
+    # backup directory's `checkpoint` file, which is written after the backup's own files. (An
+    # index file alone can be there before it; killed then, the run rightly resumes from the
+    # epoch checkpoint at step 7.)
     deadline = time.time() + 600
     while time.time() < deadline and process.poll() is None:
-        names = os.listdir(backups) if backups.exists() else []
-        if any(n.startswith(("step-8.", "step-10.")) and n.endswith(".index") for n in names):
+        committed = tf.train.latest_checkpoint(backups) if backups.exists() else None
+        if committed and committed.endswith(("step-8", "step-10")):
             break
         time.sleep(0.05)
     assert process.poll() is None, "the run ended before it could be killed"
