@@ -21,6 +21,7 @@ import os
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -146,12 +147,10 @@ def run_script_process(name: str, *args: str, cwd=None) -> subprocess.CompletedP
     )
 
 
-def once_across_workers(tmp_path_factory, name: str, make) -> str:
+def once_across_workers(tmp_path_factory, name: str, make) -> Path:
     """The directory `name`, filled by `make(directory)` once per test session: the first
     `pytest -n` worker to ask makes it while the others wait on a lock, then all read it. (A
     module fixture would run once per worker that takes one of the module's tests.)"""
-    from pathlib import Path
-
     root = Path(tmp_path_factory.getbasetemp())
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # the session's directory, above the workers' own

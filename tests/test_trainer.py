@@ -55,6 +55,7 @@ def two_fits_of_one_step():
         "teacher": [t.numpy() for t, _ in pairs],
         "student": [s.numpy() for _, s in pairs],
         "center": trainer.center.numpy(),
+        "iterations": int(trainer.optimizer.iterations),
     }
     history = trainer.fit(crops_dataset(1), epochs=1, steps_per_epoch=1, verbose=0)
     return trainer, teacher_before, teacher_out, after_one_step, history
@@ -70,6 +71,7 @@ def test_one_step_applies_ema_with_scheduled_momentum_and_updates_center(two_fit
     np.testing.assert_allclose(
         after["center"], 0.1 * teacher_out.mean(0, keepdims=True), rtol=1e-4, atol=1e-6
     )
+    assert after["iterations"] == 1
     assert len(teacher_before) > 10
 
 
