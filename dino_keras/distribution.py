@@ -56,7 +56,14 @@ def cluster_resolver(environ=os.environ):
     if environ.get("TF_CONFIG"):
         return tf.distribute.cluster_resolver.TFConfigClusterResolver()
     if environ.get("SLURM_JOB_ID") and environ.get("SLURM_PROCID") is not None:
-        return tf.distribute.cluster_resolver.SlurmClusterResolver()
+        if shutil.which("nvidia-smi"):
+            return tf.distribute.cluster_resolver.SlurmClusterResolver()
+        # Nodes without GPUs. TF's resolver would run nvidia-smi, and it lists a task only with
+        # GPUs to allot: one notional GPU per task, never made visible (auto_set_gpu=False).
+        tasks = int(environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or 1)
+        return tf.distribute.cluster_resolver.SlurmClusterResolver(
+            gpus_per_node=tasks, gpus_per_task=1, auto_set_gpu=False
+        )
     raise ConfigError(
         "--strategy=multi_worker: no cluster description; set TF_CONFIG (see the README) or "
         "launch the workers as SLURM tasks (srun)"

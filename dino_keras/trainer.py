@@ -33,7 +33,9 @@ class DinoTrainer(keras.Model):
 
     `compile(jit_compile=True)` XLA-compiles the whole step on one device or a TPU; under a
     strategy with several CPU or GPU devices it compiles each replica's forward and backward
-    pass instead (XLA cannot compile a step that touches every replica's variables).
+    pass instead (XLA cannot compile a step that touches every replica's variables), unless
+    that pass sums over replicas (Sinkhorn-Knopp centering, synchronised BatchNorm): then the
+    step runs uncompiled.
     """
 
     def __init__(
@@ -82,7 +84,18 @@ class DinoTrainer(keras.Model):
                        and not isinstance(strategy, tf.distribute.TPUStrategy))
         super().compile(optimizer=optimizer, jit_compile=jit_compile and not per_replica,
                         steps_per_execution=steps_per_execution)
-        self.replica_jit_compile = jit_compile and per_replica
+        # A replica's compiled pass is a function of its own, and in one a cross-replica sum
+        # (Sinkhorn-Knopp, synchronised BatchNorm) is refused: such a step runs as a graph.
+        self.replica_jit_compile = (jit_compile and per_replica
+                                    and not self.forward_reduces_across_replicas())
+
+    def forward_reduces_across_replicas(self) -> bool:
+        """Whether the loss or a network sums over replicas before the gradients."""
+        if self.dino_loss.centering == "sinkhorn_knopp":
+            return True
+        return any(getattr(layer, "synchronized", False)
+                   for network in (self.student, self.teacher)
+                   for layer in network._flatten_layers())
 
     def current_teacher_temperature(self, step):
         return teacher_temperature(

@@ -5,19 +5,25 @@
 * `make_tiny_run` writes a tiny training-run directory (config.json + checkpoints/latest-1).
   No training: the networks are built as training builds them, the teacher is moved away from
   the student (as an EMA would) and saved.
-* `write_idx` writes MNIST-style idx files, `write_idx_dataset` a small labelled idx data set.
+* `write_idx` writes MNIST-style idx files, `write_idx_dataset` a small labelled idx data set,
+  `write_record_dataset` the same images as counted TFRecord files (`write_tfrecord`,
+  `count_records`); all of them at any path `tf.io.gfile` writes.
 * `load_script` / `run_script` run a scripts/*.py absl app in-process on fresh flags,
   `run_script_process` as a command.
 * `run_layer_test` is keras-hub's layer test for a dino_keras layer.
+* `readme_commands` are the commands of a README section's shell block, as a shell splits them.
 * `once_across_workers` makes a directory once per test session, for every `pytest -n` worker.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import gzip
 import importlib.util
+import io
 import os
+import shlex
 import struct
 import subprocess
 import sys
@@ -100,17 +106,77 @@ def write_idx(
     return folder
 
 
+def class_pattern_images(count: int, classes: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """`count` 28x28 uint8 images whose bright band of rows is their class, and the labels."""
+    labels = np.arange(count) % classes
+    rows = np.arange(28)[None, :, None]
+    images = rng.integers(0, 60, (count, 28, 28)) + 180 * ((rows // 10) == labels[:, None, None])
+    return images.astype(np.uint8), labels
+
+
 def write_idx_dataset(folder, *, train: int = 60, test: int = 20, classes: int = 3, seed: int = 0):
-    """MNIST-style idx files of 28x28 images whose brightness pattern depends on the class."""
+    """MNIST-style idx files of `class_pattern_images`."""
     rng = np.random.default_rng(seed)
     for prefix, count in (("train", train), ("t10k", test)):
-        labels = np.arange(count) % classes
-        rows = np.arange(28)[None, :, None]
-        images = (
-            rng.integers(0, 60, (count, 28, 28)) + 180 * ((rows // 10) == labels[:, None, None])
-        ).astype(np.uint8)
-        write_idx(folder, prefix, images, labels)
+        write_idx(folder, prefix, *class_pattern_images(count, classes, rng))
     return str(folder)
+
+
+def encode_image(array: np.ndarray, image_format: str = "PNG") -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, image_format)
+    return buffer.getvalue()
+
+
+def write_tfrecord(path, encoded_images: list[bytes], labels: list[int] | None) -> str:
+    """A TFRecord file of `image/encoded` (+ `image/class/label`) examples, at any path
+    `tf.io.gfile` writes."""
+    import tensorflow as tf
+
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for i, encoded in enumerate(encoded_images):
+            feature = {"image/encoded": tf.train.Feature(
+                bytes_list=tf.train.BytesList(value=[encoded]))}
+            if labels is not None:
+                feature["image/class/label"] = tf.train.Feature(
+                    int64_list=tf.train.Int64List(value=[int(labels[i])]))
+            writer.write(tf.train.Example(
+                features=tf.train.Features(feature=feature)).SerializeToString())
+    return str(path)
+
+
+def count_records(*paths) -> None:
+    """What `scripts/count_records.py` does for `paths`: their count files."""
+    from dino_keras.data import record_counts
+    from dino_keras.data.sources import TFRECORD_IMAGE_KEY, TFRECORD_LABEL_KEY
+
+    record_counts.write_counts([str(path) for path in paths], TFRECORD_IMAGE_KEY,
+                               TFRECORD_LABEL_KEY)
+
+
+def write_record_dataset(folder, *, train: int = 32, test: int = 8, classes: int = 3,
+                         train_files: int = 2, seed: int = 0) -> tuple[str, str]:
+    """`class_pattern_images` as counted TFRecord files of PNGs, at any path `tf.io.gfile`
+    writes: FOLDER/train/part-N.tfrecord (`train_files` files) and FOLDER/test/part-0.tfrecord.
+    Returns the train and test folders (--data_path, --eval_data_path)."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    folders = []
+    for split, count, files in (("train", train, train_files), ("test", test, 1)):
+        split_folder = f"{folder}/{split}"
+        tf.io.gfile.makedirs(split_folder)
+        images, labels = class_pattern_images(count, classes, rng)
+        paths = [
+            write_tfrecord(f"{split_folder}/part-{index}.tfrecord",
+                           [encode_image(image) for image in images[part]], labels[part])
+            for index, part in enumerate(np.array_split(np.arange(count), files))
+        ]
+        count_records(*paths)
+        folders.append(split_folder)
+    return folders[0], folders[1]
 
 
 def load_script(name: str):
@@ -132,6 +198,41 @@ def run_script(name: str, *args: str):
     module.define_flags(flag_values)
     flag_values([name, *args])
     return module.run(flag_values)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadmeCommand:
+    env: dict[str, str]  # the NAME=VALUE assignments before the command
+    launcher: list[str]  # what runs the script: ["python"], ["srun", "--nodes=2", ..., "python"]
+    args: list[str]  # the script's arguments
+
+
+def readme_commands(heading: str, script: str = "scripts/train.py") -> list[ReadmeCommand]:
+    """The `script` commands of the first ```sh block under the README heading `heading`, split
+    as a shell splits them: continued lines joined, comments dropped, quotes removed."""
+    with open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    section = readme[readme.index(f"# {heading}\n"):]
+    block = section[section.index("```sh\n") + len("```sh\n"):]
+    block = block[:block.index("```")].replace("\\\n", " ")
+    logical_lines, pending = [], ""
+    for line in block.splitlines():
+        if line.lstrip().startswith("#") and not pending:
+            continue
+        pending = f"{pending}\n{line}" if pending else line
+        if pending.count("'") % 2 == 0:  # a quoted value may go on over lines (TF_CONFIG)
+            logical_lines.append(pending)
+            pending = ""
+    commands = []
+    for line in logical_lines:
+        words = shlex.split(line, comments=True)
+        if script not in words:
+            continue
+        at = words.index(script)
+        env_count = next((i for i, word in enumerate(words) if "=" not in word), at)
+        env = dict(word.split("=", 1) for word in words[:env_count])
+        commands.append(ReadmeCommand(env, words[env_count:at], words[at + 1:]))
+    return commands
 
 
 def run_script_process(name: str, *args: str, cwd=None) -> subprocess.CompletedProcess:

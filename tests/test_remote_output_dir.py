@@ -1,7 +1,8 @@
 """A whole run with --output_dir on TensorFlow's in-memory file system (`ram://`, one process):
-every output goes through tf.io.gfile, an interrupted run resumes from its backup there, the run
-loads back for evaluation, and its SavedModel and .keras exports are written to ram:// and load
-back from there with the features of the run's backbone. The data stays on the local disk."""
+its data (counted TFRecord files, streamed) is read from there and every output goes through
+tf.io.gfile, an interrupted run resumes mid-epoch from its backup there, the run loads back for
+evaluation, and its SavedModel and .keras exports are written to ram:// and load back from there
+with the features of the run's backbone."""
 
 import uuid
 
@@ -16,7 +17,7 @@ from dino_keras.export import export_backbone, load_export, normalize_0_255
 from dino_keras.keras_export import save_keras_backbone
 from dino_keras.run_loading import RunLoadingError, load_backbone
 from dino_keras.training import run_training
-from tests.helpers import tiny_config, write_idx_dataset
+from tests.helpers import tiny_config, write_record_dataset
 
 
 def all_files(directory):
@@ -28,12 +29,15 @@ def all_files(directory):
 
 
 def test_run_on_ram_filesystem_writes_everything_and_resumes_from_its_backup(
-    tmp_path, monkeypatch, capsys
+    monkeypatch, capsys
 ):
-    data = write_idx_dataset(tmp_path / "data", train=32, test=8)  # 4 steps of 8 per epoch
+    train_data, test_data = write_record_dataset(  # 4 steps of 8 per epoch
+        f"ram://dino_data/{uuid.uuid4().hex}", train=32, test=8
+    )
     output_dir = f"ram://dino_runs/{uuid.uuid4().hex}"
     config = tiny_config(
-        data_path=data,
+        data_path=train_data,
+        eval_data_path=test_data,
         output_dir=output_dir,
         epochs=2,
         warmup_epochs=0,
@@ -62,7 +66,7 @@ def test_run_on_ram_filesystem_writes_everything_and_resumes_from_its_backup(
     assert tf.train.latest_checkpoint(checkpoints) == run_dir.join(checkpoints, "latest-1")
     backup = run_dir.join(checkpoints, "backup", "step-6")
     assert tf.train.latest_checkpoint(run_dir.join(checkpoints, "backup")) == backup
-    capsys.readouterr()
+    assert f"Training on TFRecord files {train_data}: 32 images" in capsys.readouterr().out
 
     summary = run_training(config)
     # The backup is further along than latest-1 (step 4): the rerun continues from it.

@@ -208,3 +208,22 @@ def test_fp16_step_skipped_by_the_loss_scaler_still_advances_the_schedules():
         not np.array_equal(v.numpy(), before)
         for before, v in zip(weights, trainer.student.trainable_variables, strict=True)
     )
+
+
+def test_a_forward_pass_that_sums_over_replicas_is_not_compiled_on_its_own():
+    from dino_keras.loss import DinoLoss
+    from dino_keras.models.factory import build_student_and_teacher
+    from dino_keras.trainer import DinoTrainer
+
+    def trainer_of(synchronized_bn=False, **overrides):
+        config = tiny_config(**overrides)
+        student, teacher = build_student_and_teacher(config, synchronized_bn=synchronized_bn)
+        loss = DinoLoss(config.out_dim, num_student_crops=4, centering=config.centering)
+        return DinoTrainer(student, teacher, loss, momentum_schedule=lambda step: 0.9,
+                           steps_per_epoch=1, warmup_teacher_temp=0.04, teacher_temp=0.04,
+                           warmup_teacher_temp_epochs=0)
+
+    assert not trainer_of().forward_reduces_across_replicas()
+    assert not trainer_of(use_bn_in_head=True).forward_reduces_across_replicas()
+    assert trainer_of(centering="sinkhorn_knopp").forward_reduces_across_replicas()
+    assert trainer_of(True, use_bn_in_head=True).forward_reduces_across_replicas()

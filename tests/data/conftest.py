@@ -6,23 +6,13 @@ modules need no imports from this file.
 
 from __future__ import annotations
 
-import io
 import os
 
 import numpy as np
 import pytest
-import tensorflow as tf
-from PIL import Image
 
-from dino_keras.data import record_counts
-from dino_keras.data.sources import TFRECORD_IMAGE_KEY, TFRECORD_LABEL_KEY, resolve_source
-from tests.helpers import write_idx
-
-
-def encode_image(array: np.ndarray, image_format: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, image_format)
-    return buffer.getvalue()
+from dino_keras.data.sources import resolve_source
+from tests.helpers import count_records, encode_image, write_idx, write_tfrecord
 
 
 def write_image(path, array: np.ndarray, image_format: str | None = None) -> str:
@@ -36,25 +26,6 @@ def write_image(path, array: np.ndarray, image_format: str | None = None) -> str
 
 def random_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-
-
-def write_tfrecord(path, encoded_images: list[bytes], labels: list[int] | None) -> str:
-    with tf.io.TFRecordWriter(str(path)) as writer:
-        for i, encoded in enumerate(encoded_images):
-            feature = {"image/encoded": tf.train.Feature(
-                bytes_list=tf.train.BytesList(value=[encoded]))}
-            if labels is not None:
-                feature["image/class/label"] = tf.train.Feature(
-                    int64_list=tf.train.Int64List(value=[labels[i]]))
-            writer.write(tf.train.Example(
-                features=tf.train.Features(feature=feature)).SerializeToString())
-    return str(path)
-
-
-def count_records(*paths) -> None:
-    """What `scripts/count_records.py` does for `paths`: their count files."""
-    record_counts.write_counts([str(path) for path in paths], TFRECORD_IMAGE_KEY,
-                               TFRECORD_LABEL_KEY)
 
 
 def write_record_files(folder, sizes: list[int], *, first_label: int = 0) -> list[str]:
