@@ -1,38 +1,21 @@
 """scripts/count_records.py: the count file it writes is what a run then reads; bad input."""
 
-import io
 import json
 
 import numpy as np
 import pytest
-import tensorflow as tf
-from PIL import Image
 
 from dino_keras.data.sources import DataSourceError, resolve_source
-from tests.helpers import run_script
-
-
-def write_records(path, images: list[bytes], labels: list[int]) -> None:
-    with tf.io.TFRecordWriter(str(path)) as writer:
-        for encoded, label in zip(images, labels, strict=True):
-            feature = {
-                "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded])),
-                "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
-            }
-            writer.write(
-                tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
-            )
+from tests.helpers import encode_image, run_script, write_tfrecord
 
 
 def png(value: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.full((6, 5, 3), value, np.uint8)).save(buffer, "PNG")
-    return buffer.getvalue()
+    return encode_image(np.full((6, 5, 3), value, np.uint8))
 
 
 def test_counts_images_per_file_for_runs_to_read(tmp_path, capsys):
-    write_records(tmp_path / "a.tfrecord", [png(1), b"not an image", png(2)], [4, 9, 1])
-    write_records(tmp_path / "b.tfrec", [png(3)], [0])
+    write_tfrecord(tmp_path / "a.tfrecord", [png(1), b"not an image", png(2)], [4, 9, 1])
+    write_tfrecord(tmp_path / "b.tfrec", [png(3)], [0])
     with pytest.raises(DataSourceError, match="count_records.py"):
         resolve_source(str(tmp_path))
 
@@ -48,7 +31,7 @@ def test_counts_images_per_file_for_runs_to_read(tmp_path, capsys):
     assert labels == [4, 1, 0]
 
     # A glob counts its files into the same count file, keeping the other entries.
-    write_records(tmp_path / "c.tfrecord", [png(4), png(5)], [2, 2])
+    write_tfrecord(tmp_path / "c.tfrecord", [png(4), png(5)], [2, 2])
     assert run_script("count_records", f"--data_path={tmp_path / 'c.*'}")["images"] == 2
     assert resolve_source(str(tmp_path)).num_examples == 5
 
