@@ -14,12 +14,12 @@ path may be a `tf.io.gfile` URL such as ``gs://`` or ``ram://``):
 * an image folder (``.jpg``/``.jpeg``/``.png``, recursive; ImageFolder-style labels from the
   first-level subfolders, optional ``train/`` + ``val/`` or ``test/`` split subfolders).
 
-How the multi-crop pipeline reads them: sources with `records` (TFRecord files, TFDS TFRecord
-splits) are streamed by `tf.data.TFRecordDataset` in a seeded file order through a shuffle
-buffer (`record_stream`); nothing reads their records at start-up. Every other source is read
-by index (`ImageSource.read_example`) in a full permutation per epoch. Record sources keep a
-`read_example` too, for code that reads by index in an order of its own (the linear probe); it
-indexes the files on first use (`record_index`), which reads all of them once.
+How the multi-crop pipeline and the linear probe read them: sources with `records` (TFRecord
+files, TFDS TFRecord splits) are streamed by `tf.data.TFRecordDataset` in a seeded file order
+through a shuffle buffer (`record_stream`); nothing reads their records at start-up. Every
+other source is read by index (`ImageSource.read_example`) in a full permutation per epoch.
+Record sources keep a `read_example` too, for code that reads by index in an order of its own;
+it indexes the files on first use (`record_index`), which reads all of them once.
 
 Corrupt images are handled in two layers. A cheap check of each image's JPEG/PNG signature and
 end marker (a file's first and last bytes; the bytes of a record, when it is counted and again

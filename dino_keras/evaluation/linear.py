@@ -26,7 +26,8 @@ import tensorflow as tf
 from dino_keras import run_dir
 from dino_keras.data import augment
 from dino_keras.data.multicrop import build_eval_dataset
-from dino_keras.data.sources import ImageSource
+from dino_keras.data.record_stream import epoch_images
+from dino_keras.data.sources import ImageSource, decode_image
 from dino_keras.optim import DinoOptimizer
 from dino_keras.schedules import EpochCosineSchedule, epoch_cosine
 
@@ -137,19 +138,19 @@ def build_train_dataset(
     """One epoch of (normalised random-resized crop + flip [B, S, S, 3], int64 label [B]).
 
     The order and every crop depend on (seed, epoch) only; the last batch keeps the remainder.
+    Record files are streamed as in training (files in a seeded order, a shuffle buffer), other
+    sources read in a seeded permutation.
     """
     epoch_seed = _epoch_seed(seed, epoch)
     order_seed, batch_seed = tf.unstack(tf.random.experimental.stateless_split(epoch_seed, 2))
+    if source.records is not None:
+        return _streamed_train_dataset(source, order_seed, batch_seed, image_size, batch_size)
     order = tf.random.experimental.stateless_shuffle(
         tf.range(source.num_examples, dtype=tf.int64), order_seed
     )
     positions = tf.data.Dataset.from_tensor_slices(
         (tf.range(source.num_examples, dtype=tf.int64), order)
     )
-
-    def flip_and_normalize(crops, seed_tensor):
-        flips = tf.random.stateless_uniform(tf.shape(crops)[:1], seed_tensor) < 0.5
-        return augment.normalize(augment.flip_horizontally(crops, flips))
 
     if source.image_shape is not None:
         height, width = source.image_shape
@@ -165,32 +166,56 @@ def build_train_dataset(
             boxes = augment.CropBoxes(*(field[:, :count] for field in boxes))
             crops = augment.crop_and_resize_batch(images, boxes, image_size)[0]
             crops = tf.ensure_shape(crops, [None, image_size, image_size, 3])
-            return flip_and_normalize(crops, flip_seed), labels
+            return _flip_and_normalize(crops, flip_seed), labels
 
         batches = positions.batch(batch_size).map(crop_batch, num_parallel_calls=tf.data.AUTOTUNE)
     else:
 
         def crop_one(position, index):
-            seed_tensor = tf.random.experimental.stateless_fold_in(batch_seed, position)
             image, label = source.read_example(index)
-            image = tf.cast(image, tf.float32) / 255.0
-            box = augment.sample_crop_boxes(
-                seed_tensor, tf.shape(image)[0], tf.shape(image)[1], CROP_SCALE, []
-            )
-            crop = augment.crop_and_resize(image, box, image_size)
-            return tf.ensure_shape(crop, [image_size, image_size, 3]), label, position
+            return _crop(image, label, position, batch_seed, image_size)
 
-        def flip_batch(crops, labels, batch_positions):
-            seed_tensor = tf.random.experimental.stateless_fold_in(batch_seed, batch_positions[0])
-            return flip_and_normalize(crops, seed_tensor), labels
-
-        batches = (
+        batches = _flipped_batches(
             positions.map(crop_one, num_parallel_calls=tf.data.AUTOTUNE)
-            .ignore_errors(log_warning=True)
-            .batch(batch_size)
-            .map(flip_batch, num_parallel_calls=tf.data.AUTOTUNE)
-        )
+            .ignore_errors(log_warning=True), batch_seed, batch_size)
     return batches.prefetch(tf.data.AUTOTUNE)
+
+
+def _flip_and_normalize(crops, seed_tensor):
+    flips = tf.random.stateless_uniform(tf.shape(crops)[:1], seed_tensor) < 0.5
+    return augment.normalize(augment.flip_horizontally(crops, flips))
+
+
+def _crop(image, label, position, batch_seed, image_size: int):
+    """One image's random-resized crop, seeded by its position in the epoch."""
+    seed_tensor = tf.random.experimental.stateless_fold_in(batch_seed, position)
+    image = tf.cast(image, tf.float32) / 255.0
+    box = augment.sample_crop_boxes(
+        seed_tensor, tf.shape(image)[0], tf.shape(image)[1], CROP_SCALE, []
+    )
+    crop = augment.crop_and_resize(image, box, image_size)
+    return tf.ensure_shape(crop, [image_size, image_size, 3]), label, position
+
+
+def _flipped_batches(crops: tf.data.Dataset, batch_seed, batch_size: int) -> tf.data.Dataset:
+    def flip_batch(crops, labels, batch_positions):
+        seed_tensor = tf.random.experimental.stateless_fold_in(batch_seed, batch_positions[0])
+        return _flip_and_normalize(crops, seed_tensor), labels
+
+    return crops.batch(batch_size).map(flip_batch, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _streamed_train_dataset(source: ImageSource, order_seed, batch_seed, image_size: int,
+                            batch_size: int) -> tf.data.Dataset:
+    file_order_seed, shuffle_seed = tf.unstack(tf.random.experimental.stateless_split(order_seed))
+    images = tf.data.Dataset.from_tensors(0).flat_map(
+        lambda _: epoch_images(source.records, file_order_seed=file_order_seed,
+                               shuffle_seed=shuffle_seed))
+    crops = images.enumerate().map(
+        lambda position, image: _crop(decode_image(image[0]), image[1], position, batch_seed,
+                                      image_size),
+        num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True)
+    return _flipped_batches(crops, batch_seed, batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 # --------------------------------------------------------------------------- #

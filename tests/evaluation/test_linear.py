@@ -15,6 +15,7 @@ from dino_keras.data.sources import FASHION_MNIST_DIR, resolve_source
 from dino_keras.evaluation import linear
 from dino_keras.evaluation.linear import LinearEvalError, LinearSettings
 from dino_keras.models.vit import VisionTransformer
+from tests.helpers import write_record_dataset
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +95,30 @@ def test_train_batches_are_deterministic_augmented_and_normalised(fashion_mnist)
     np.testing.assert_array_equal(np.sort(all_labels), np.sort(reference_labels))
     # Normalised: black pixels sit at -mean/std.
     assert batches[0][0].min() == pytest.approx(-0.485 / 0.229, abs=1e-3)
+
+
+def test_record_files_are_streamed_without_an_index(tmp_path, monkeypatch):
+    from dino_keras.data import record_index
+
+    def no_index(*args, **kwargs):
+        raise AssertionError("the record files were indexed")
+
+    monkeypatch.setattr(record_index.RecordIndex, "__init__", no_index)
+    train_folder, _ = write_record_dataset(tmp_path / "records", train=40, test=4, train_files=3)
+    source = resolve_source(train_folder)
+
+    def epoch_of(seed, epoch):
+        return [(images.numpy(), labels.numpy()) for images, labels in linear.build_train_dataset(
+            source, image_size=20, batch_size=16, seed=seed, epoch=epoch)]
+
+    batches = epoch_of(0, 0)
+    assert [b[0].shape for b in batches] == [(16, 20, 20, 3), (16, 20, 20, 3), (8, 20, 20, 3)]
+    for (images, labels), (images2, labels2) in zip(batches, epoch_of(0, 0), strict=True):
+        np.testing.assert_array_equal(images, images2)
+        np.testing.assert_array_equal(labels, labels2)
+    labels = np.concatenate([b[1] for b in batches])
+    assert sorted(labels) == sorted(label for _, label in source.dataset().as_numpy_iterator())
+    assert not np.array_equal(labels, np.concatenate([b[1] for b in epoch_of(0, 1)]))
 
 
 def read_scalars(log_dir, tag):
