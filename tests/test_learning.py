@@ -3,7 +3,7 @@
 Not a falling loss: the teacher's k-NN@20 on the test split must beat the same run's epoch-0
 value (the random initialisation) by a fixed margin, with no collapse warning. The images are
 not the demo's: `scripts/make_image_sets.py`'s generated textures (10 classes, 32 px), at 100
-train and 100 test images per class (7 steps per epoch), trained for 70 steps (10 epochs).
+train and 100 test images per class (15 steps of 64 per epoch), trained for 70 steps (5 epochs).
 """
 
 import os
