@@ -51,6 +51,8 @@ def write_records(folder: str, count: int, num_files: int) -> None:
     import tensorflow as tf
     from PIL import Image
 
+    from dino_keras.data.sources import image_example
+
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(0)
     for file_number in range(num_files):
@@ -60,14 +62,7 @@ def write_records(folder: str, count: int, num_files: int) -> None:
                 buffer = io.BytesIO()
                 pixels = rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
-                feature = {
-                    "image/encoded": tf.train.Feature(
-                        bytes_list=tf.train.BytesList(value=[buffer.getvalue()])),
-                    "image/class/label": tf.train.Feature(
-                        int64_list=tf.train.Int64List(value=[index % 10])),
-                }
-                writer.write(tf.train.Example(
-                    features=tf.train.Features(feature=feature)).SerializeToString())
+                writer.write(image_example(buffer.getvalue(), index % 10))
 
 
 def prepare(count: int) -> tuple[str, float]:

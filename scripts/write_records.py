@@ -53,23 +53,18 @@ def _check_flags(flag_values) -> None:
                               f"files; name an empty folder")
 
 
-def _example(encoded: bytes, label: int) -> bytes:
-    import tensorflow as tf
-
-    feature = {"image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded]))}
-    if label >= 0:
-        feature["image/class/label"] = tf.train.Feature(
-            int64_list=tf.train.Int64List(value=[label]))
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
-
-
 def run(flag_values) -> dict:
     """Writes and counts the files; returns {"files": [paths], "images": n}."""
     _check_flags(flag_values)
     import tensorflow as tf
 
     from dino_keras.data import record_counts
-    from dino_keras.data.sources import TFRECORD_IMAGE_KEY, TFRECORD_LABEL_KEY, resolve_source
+    from dino_keras.data.sources import (
+        TFRECORD_IMAGE_KEY,
+        TFRECORD_LABEL_KEY,
+        image_example,
+        resolve_source,
+    )
 
     source = resolve_source(flag_values.data_path, flag_values.split,
                             tfds_data_dir=flag_values.tfds_data_dir,
@@ -87,7 +82,7 @@ def run(flag_values) -> dict:
         with tf.io.TFRecordWriter(path) as writer:
             for _ in range(size):
                 encoded, label = next(images)
-                writer.write(_example(encoded, int(label)))
+                writer.write(image_example(encoded, label if label >= 0 else None))
         paths.append(path)
         print(f"{path}: {size} images", flush=True)
     record_counts.write_counts(paths, TFRECORD_IMAGE_KEY, TFRECORD_LABEL_KEY)

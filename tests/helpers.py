@@ -135,15 +135,11 @@ def write_tfrecord(path, encoded_images: list[bytes], labels: list[int] | None) 
     `tf.io.gfile` writes."""
     import tensorflow as tf
 
+    from dino_keras.data.sources import image_example
+
     with tf.io.TFRecordWriter(str(path)) as writer:
         for i, encoded in enumerate(encoded_images):
-            feature = {"image/encoded": tf.train.Feature(
-                bytes_list=tf.train.BytesList(value=[encoded]))}
-            if labels is not None:
-                feature["image/class/label"] = tf.train.Feature(
-                    int64_list=tf.train.Int64List(value=[int(labels[i])]))
-            writer.write(tf.train.Example(
-                features=tf.train.Features(feature=feature)).SerializeToString())
+            writer.write(image_example(encoded, None if labels is None else labels[i]))
     return str(path)
 
 

@@ -22,6 +22,7 @@ from dino_keras.config import ConfigError, TrainConfig, config_from_flags, defin
 from tests.helpers import (
     REPO_ROOT,
     TINY_FLAGFILE,
+    ReadmeCommand,
     readme_commands,
     tiny_config,
     write_idx_dataset,
@@ -40,8 +41,8 @@ TINY_FLAGS = [
 ]
 
 
-def readme_command(matches) -> list[str]:
-    """The arguments of the one README command for which `matches(command)` holds."""
+def readme_command(matches) -> ReadmeCommand:
+    """The one README command for which `matches(command)` holds."""
     found = [command for command in README_COMMANDS if matches(command)]
     assert len(found) == 1, (found, README_COMMANDS)
     return found[0]

@@ -470,3 +470,13 @@ def decode_image(encoded: tf.Tensor) -> tf.Tensor:
     """JPEG or PNG bytes (any channel count or bit depth) -> uint8 [H, W, 3]."""
     image = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
     return tf.ensure_shape(image, [None, None, 3])
+
+
+def image_example(encoded: bytes, label: int | None = None) -> bytes:
+    """A serialized `tf.train.Example` of the TFRecord format read here: JPEG/PNG bytes under
+    `TFRECORD_IMAGE_KEY` and, when `label` is not None, an int64 under `TFRECORD_LABEL_KEY`."""
+    feature = {TFRECORD_IMAGE_KEY: tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded]))}
+    if label is not None:
+        feature[TFRECORD_LABEL_KEY] = tf.train.Feature(
+            int64_list=tf.train.Int64List(value=[int(label)]))
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
