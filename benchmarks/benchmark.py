@@ -92,6 +92,15 @@ def define_flags(flag_values) -> None:
         "Keep the generated JPEGs here and reuse them in later runs; empty: a temporary "
         "directory, deleted at the end.",
     )
+    flags.DEFINE_string(
+        "fit_data_path",
+        None,
+        "What the fit case trains on: a scripts/train.py --data_path (limited to the recipe's "
+        "--limit_images), or empty for the generated JPEGs. Default: the recipe's own data "
+        "(demo: configs/demo.cfg's fashion_mnist, as make demo; paper and --short: the JPEGs, "
+        "standing in for ImageNet).",
+        flag_values=flag_values,
+    )
     string("output", "", "Also write the JSON lines to this file (overwritten).")
     flags.DEFINE_integer("seed", 0, "Seed of the model, data and images.", flag_values=flag_values)
 
@@ -118,6 +127,7 @@ def configs_from_flags(flag_values) -> list[benchmarking.BenchmarkConfig]:
         "jit_compile",
         "num_workers",
         "image_dir",
+        "fit_data_path",
         "output",
         "seed",
     )

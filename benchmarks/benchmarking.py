@@ -11,7 +11,9 @@ a table. The cases, run in this order:
   and teacher EMA built by `dino_keras.training.build_trainer`, as training builds them.
 * `pipeline`: the multi-crop pipeline alone, reading a folder of generated 500x375 JPEGs:
   made by `--num_workers` loader processes, or by `tf.data` in the case's process with 0.
-* `fit`: `trainer.fit` on that pipeline: both together.
+* `fit`: `trainer.fit` on the multi-crop pipeline: both together, reading the recipe's own
+  data (`--fit_data_path`; demo: Fashion-MNIST, as `make demo`; paper: the generated JPEGs,
+  standing in for ImageNet).
 * `reference_step`, `reference_pipeline`: the reference's training step and its multi-crop
   DataLoader in PyTorch at the same sizes, on the same JPEGs, with as many worker processes
   (`benchmarks/reference_cases.py`); each runs right after its dino_keras counterpart, and its
@@ -44,7 +46,7 @@ CASES = ("matmul_peak", "step", "reference_step", "pipeline", "reference_pipelin
 # Each reference case and the dino_keras case it is compared with.
 REFERENCE_CASES = {"reference_step": "step", "reference_pipeline": "pipeline"}
 REFERENCE_MODULES = ("torch", "torchvision", "timm")
-# Cases that read the generated JPEGs.
+# Cases that read the generated JPEGs (fit too when its --fit_data_path is empty).
 IMAGE_CASES = ("pipeline", "reference_pipeline", "fit")
 RECIPES = ("paper", "demo")
 PRECISIONS = ("float32", "mixed_bfloat16")
@@ -118,6 +120,10 @@ class BenchmarkConfig:
     # 1 with `short`.
     num_workers: int | None = None
     image_dir: str = ""
+    # What `fit` trains on: a scripts/train.py --data_path, "" for the generated JPEGs, None for
+    # the recipe's own (demo: configs/demo.cfg's --data_path and --limit_images; paper and
+    # `short`: the JPEGs).
+    fit_data_path: str | None = None
     output: str = ""
     seed: int = 0
 
@@ -132,6 +138,9 @@ class BenchmarkConfig:
             name: default if getattr(self, name) is None else getattr(self, name)
             for name, default in defaults.items()
         }
+        if self.fit_data_path is None:
+            recipe_reads_its_data = self.recipe == "demo" and not self.short
+            values["fit_data_path"] = self.train_config().data_path if recipe_reads_its_data else ""
         cases = [case for case in CASES if case in self.cases]
         if any(case in FLOP_CASES for case in cases) and "matmul_peak" not in cases:
             cases.insert(0, "matmul_peak")  # MFU needs the peak of this run
@@ -486,12 +495,40 @@ def case_prepare_images(config: BenchmarkConfig) -> dict:
     return {"folder": folder, "generated": config.num_images}
 
 
-def _multicrop_dataset(config: BenchmarkConfig, train_config: TrainConfig):
+def fit_data_source(config: BenchmarkConfig, train_config: TrainConfig):
+    """The training source of the fit case: `config.fit_data_path` (limited to the recipe's
+    --limit_images) or, when that is empty, the generated JPEGs."""
+    from dino_keras.data.sources import resolve_source
+
+    if not config.fit_data_path:
+        return resolve_source(image_folder(config.image_dir, config.num_images), "train")
+    return resolve_source(
+        config.fit_data_path,
+        "train",
+        tfds_data_dir=train_config.tfds_data_dir or None,
+        limit_images=train_config.limit_images or None,
+        flag_name="--fit_data_path",
+    )
+
+
+def case_fit_data(config: BenchmarkConfig) -> dict:
+    """Not a measured case: whether the fit case's data can be read, checked before any case
+    runs (the error names --fit_data_path)."""
+    from dino_keras.data.sources import DataSourceError
+
+    try:
+        source = fit_data_source(config, config.train_config())
+    except DataSourceError as error:
+        return {"error": str(error)}
+    return {"source": source.name, "images": source.num_examples}
+
+
+def _multicrop_dataset(config: BenchmarkConfig, train_config: TrainConfig, source=None):
     from dino_keras.data.sources import resolve_source
     from dino_keras.training import multicrop_dataset
 
-    folder = image_folder(config.image_dir, config.num_images)
-    source = resolve_source(folder, "train")
+    if source is None:
+        source = resolve_source(image_folder(config.image_dir, config.num_images), "train")
     dataset = multicrop_dataset(train_config, source, batch_size=train_config.batch_size_per_gpu)
     return dataset, source
 
@@ -536,7 +573,9 @@ def case_fit(config: BenchmarkConfig) -> dict:
 
     train_config = config.train_config()
     trainer = _build_trainer(config, train_config)
-    dataset, _ = _multicrop_dataset(config, train_config)
+    dataset, source = _multicrop_dataset(
+        config, train_config, fit_data_source(config, train_config)
+    )
 
     class BatchEndTimes(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
@@ -569,6 +608,7 @@ def case_fit(config: BenchmarkConfig) -> dict:
         "step_seconds_mean": round(seconds / config.steps, 4),
         "loss": times.loss,
         "loader_processes": train_config.num_workers,
+        "data": {"source": source.name, "images": source.num_examples},
         **times.loaders,
         **_flop_figures(train_config, images_per_second),
     }
@@ -580,6 +620,7 @@ _CASE_FUNCTIONS = {
     "pipeline": case_pipeline,
     "fit": case_fit,
     "prepare_images": case_prepare_images,
+    "fit_data": case_fit_data,
 }
 
 
@@ -791,12 +832,20 @@ def run_benchmark(
     for case, reason in skipped.items():
         print(f"Skipping {case}: {reason}", file=err)
     running = [case for case in cases if case not in skipped]
+    if "fit" in running and config.fit_data_path:
+        # Before any case: a wrong --fit_data_path fails now, not after the other cases.
+        fit_data = _run_case_process("fit_data", config)
+        if "error" in fit_data:
+            raise BenchmarkError(fit_data["error"])
+
+    def reads_images(case: str) -> bool:
+        return case in IMAGE_CASES and not (case == "fit" and config.fit_data_path)
 
     output_file = None
     if config.output:
         output_file = open(config.output, "a" if append_output else "w", encoding="utf-8")
     temporary_dir = None
-    if not config.image_dir and set(IMAGE_CASES) & set(running):
+    if not config.image_dir and any(reads_images(case) for case in running):
         temporary_dir = tempfile.mkdtemp(prefix="dino_benchmark_images_")
         config = dataclasses.replace(config, image_dir=temporary_dir)
     records = []
@@ -815,7 +864,7 @@ def run_benchmark(
             if case in skipped:
                 emit({"case": case, **common, "skipped": skipped[case]})
                 continue
-            if case in IMAGE_CASES and not os.path.isfile(
+            if reads_images(case) and not os.path.isfile(
                 image_folder(config.image_dir, config.num_images) + ".done"
             ):
                 print(
@@ -1000,6 +1049,10 @@ def format_table(records: list[dict]) -> str:
                 f"process(es), one core each"
                 + (f", peak RSS {memory:.2f} GiB in all (not in the column)" if memory else "")
             )
+    for record in records:
+        if "data" in record:
+            data = record["data"]
+            lines.append(f"{record['case']}: read {data['source']} ({data['images']} images)")
     lines += _comparison_lines(records)
     rates = {r["case"]: r["images_per_second"] for r in records if "images_per_second" in r}
     if "step" in rates and "pipeline" in rates:

@@ -59,12 +59,13 @@ def json_lines(stdout: str) -> list[str]:
 
 @pytest.fixture(scope="session")
 def short_run(tmp_path_factory):
-    """One `--short` run of every case (the default --cases), shared by the tests below."""
+    """One `--short` run of every case (the default --cases), shared by the tests below; its fit
+    case reads Fashion-MNIST, as the demo recipe's does."""
 
     def run(directory):
         result = run_benchmark(
             "--short", f"--output={directory / 'benchmark.jsonl'}",
-            f"--image_dir={directory / 'images'}",
+            f"--image_dir={directory / 'images'}", "--fit_data_path=fashion_mnist",
         )
         (directory / "returncode").write_text(str(result.returncode))
         (directory / "stdout").write_text(result.stdout)
@@ -134,6 +135,9 @@ def test_short_run_reports_every_case(short_run):
         assert any(row.startswith(case) for row in table.splitlines()), case
     assert "Bound: " in table
     assert "pipeline: batches made by 1 loader process(es), one core each, peak RSS" in table
+    assert by_case["pipeline"]["source_images"] == 16  # the JPEGs
+    assert by_case["fit"]["data"]["images"] == 60000  # Fashion-MNIST's training split
+    assert f"fit: read {by_case['fit']['data']['source']} (60000 images)" in table
     # The generated JPEGs stay in --image_dir for the next run.
     assert len(os.listdir(directory / "images" / "jpeg_500x375_n16")) == 16
 
@@ -212,6 +216,16 @@ def test_reference_cases_skipped_without_torch(tmp_path):
         )
     assert "Skipping reference_step: torch, torchvision, timm not installed" in result.stderr
     assert not (tmp_path / "images").exists()  # nothing ran, not even the JPEG writer
+
+
+def test_unreadable_fit_data_is_refused_before_any_case(tmp_path):
+    result = run_benchmark(
+        "--short", "--cases=step,fit", f"--fit_data_path={tmp_path / 'missing'}",
+        f"--image_dir={tmp_path / 'images'}",
+    )
+    assert result.returncode != 0
+    assert "error: --fit_data_path" in result.stderr and "missing" in result.stderr, result.stderr
+    assert "Running case" not in result.stderr and not json_lines(result.stdout)
 
 
 def test_bad_flags_are_refused_naming_the_flag():

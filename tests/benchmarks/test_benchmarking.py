@@ -87,6 +87,15 @@ def test_config_resolution_and_validation():
         BenchmarkConfig(**kwargs).resolved().train_config().num_workers
         for kwargs in ({}, dict(recipe="demo"), dict(short=True), dict(num_workers=3))
     ] == [2, 0, 1, 3]
+    # What fit trains on: the demo's own data (as make demo), the JPEGs for the paper recipe
+    # and --short, or the flag's.
+    assert [
+        BenchmarkConfig(**kwargs).resolved().fit_data_path
+        for kwargs in (
+            dict(recipe="demo"), {}, dict(recipe="demo", short=True),
+            dict(recipe="demo", fit_data_path=""), dict(fit_data_path="/data/images"),
+        )
+    ] == ["fashion_mnist", "", "", "", "/data/images"]
     for kwargs, flag in (
         (dict(recipe="imagenet"), "--recipe"),
         (dict(precision="mixed_float16"), "--precision"),
