@@ -86,6 +86,13 @@ def define_flags(flag_values) -> None:
         "configs/demo.cfg's 0; 1 with --short); 0 makes the batches with tf.data in the "
         "case's own process.",
     )
+    flags.DEFINE_integer(
+        "repeats",
+        1,
+        "Times each compared pair (step and reference_step, pipeline and reference_pipeline) "
+        "runs, alternating; with more than 1 the summary gives each ratio's median and range.",
+        flag_values=flag_values,
+    )
     string(
         "image_dir",
         "",
@@ -126,6 +133,7 @@ def configs_from_flags(flag_values) -> list[benchmarking.BenchmarkConfig]:
         "matmul_seconds",
         "jit_compile",
         "num_workers",
+        "repeats",
         "image_dir",
         "fit_data_path",
         "output",

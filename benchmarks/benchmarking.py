@@ -34,6 +34,7 @@ import math
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -119,6 +120,9 @@ class BenchmarkConfig:
     # recipe's (paper: 2, as the reference's 2 DataLoader workers; demo: configs/demo.cfg's),
     # 1 with `short`.
     num_workers: int | None = None
+    # Times each compared pair (step and reference_step, pipeline and reference_pipeline) runs,
+    # alternating: the ratios' median and range show the machine's run-to-run noise.
+    repeats: int = 1
     image_dir: str = ""
     # What `fit` trains on: a scripts/train.py --data_path, "" for the generated JPEGs, None for
     # the recipe's own (demo: configs/demo.cfg's --data_path and --limit_images; paper and
@@ -168,6 +172,8 @@ class BenchmarkConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 fail(name, f"must be >= 1, got {value}")
+        if self.repeats < 1:
+            fail("repeats", f"must be >= 1, got {self.repeats}")
         if self.num_workers is not None and self.num_workers < 0:
             fail("num_workers", f"must be >= 0, got {self.num_workers}")
         if self.matmul_size is not None and self.matmul_size < 16:
@@ -739,11 +745,38 @@ def skip_reasons(cases: list[str], precision: str) -> dict[str, str]:
     return reasons
 
 
+def case_schedule(cases: list[str], repeats: int, skipped: dict[str, str]) -> list[tuple]:
+    """(case, repeat number from 1) in running order: each dino_keras case that is compared with
+    a running reference case alternates with it `repeats` times (step, reference_step, step, ...);
+    every other case runs once, skipped ones are listed once."""
+    compared = {
+        counterpart
+        for reference, counterpart in REFERENCE_CASES.items()
+        if reference in cases
+        and counterpart in cases
+        and not skipped.keys() & {reference, counterpart}
+    }
+    schedule = []
+    for case in cases:
+        if case in compared:
+            reference = next(r for r, c in REFERENCE_CASES.items() if c == case)
+            for repeat in range(1, repeats + 1):
+                schedule += [(case, repeat), (reference, repeat)]
+        elif REFERENCE_CASES.get(case) not in compared:
+            schedule.append((case, 1))
+    return schedule
+
+
 def reference_comparison(record: dict, records: list[dict]) -> dict:
     """The ratio fields of a reference case's record, from its dino_keras counterpart's record
-    of the same run (empty when that case did not run)."""
+    of the same run: the latest one, which ran just before it (empty when that case did not
+    run)."""
     counterpart = next(
-        (r for r in records if r["case"] == REFERENCE_CASES[record["case"]] and "skipped" not in r),
+        (
+            r
+            for r in reversed(records)
+            if r["case"] == REFERENCE_CASES[record["case"]] and "skipped" not in r
+        ),
         None,
     )
     if counterpart is None or "images_per_second" not in record:
@@ -860,7 +893,7 @@ def run_benchmark(
 
     try:
         peak = {}
-        for case in cases:
+        for case, repeat in case_schedule(cases, config.repeats, skipped):
             if case in skipped:
                 emit({"case": case, **common, "skipped": skipped[case]})
                 continue
@@ -874,11 +907,15 @@ def run_benchmark(
                     flush=True,
                 )
                 _run_case_process("prepare_images", config)
-            print(f"Running case {case} ({_load_text()})", file=err, flush=True)
+            numbered = case
+            if config.repeats > 1:
+                numbered += f", repeat {repeat} of {config.repeats}"
+            print(f"Running case {numbered} ({_load_text()})", file=err, flush=True)
             result = _run_case_process(case, config)
             record = {
                 "case": case,
                 **common,
+                "repeat": repeat,
                 **result,
                 "load_average": [round(load, 2) for load in os.getloadavg()],
             }
@@ -957,7 +994,46 @@ def _comparison_lines(records: list[dict]) -> list[str]:
             f"{dino_keras_memory}; reference {record['images_per_second']:.2f} images/s, "
             f"{reference_memory})"
         )
+    for case, ratios in _ratios_by_case(compared).items():
+        if len(ratios) > 1:
+            lines.append(f"  {case}: {_ratio_spread(ratios)}")
+    fit = next((r for r in records if r["case"] == "fit" and "images_per_second" in r), None)
+    if fit:
+        rates = {
+            case: statistics.median(
+                r["images_per_second"] for r in records
+                if r["case"] == case and "images_per_second" in r
+            )
+            for case in ("step", "reference_step")
+            if any(r["case"] == case and "images_per_second" in r for r in records)
+        }
+        parts = [
+            f"{fit['images_per_second'] / rate:.3f}x the {name}"
+            for case, name in (("reference_step", "reference's step"), ("step", "dino_keras step"))
+            if (rate := rates.get(case))
+        ]
+        lines.append(f"  fit: {', '.join(parts)} (their median images/s)")
     return lines
+
+
+def _ratios_by_case(records: list[dict]) -> dict[str, list[float]]:
+    ratios = {}
+    for record in records:
+        if "images_per_second_ratio" in record:
+            ratios.setdefault(record["dino_keras_case"], []).append(
+                record["images_per_second_ratio"]
+            )
+    return ratios
+
+
+def _ratio_spread(ratios: list[float]) -> str:
+    """'1.402x' for one ratio; 'median 1.402x of 3 (1.351-1.460x)' for several."""
+    if len(ratios) == 1:
+        return f"{ratios[0]:.3f}x"
+    return (
+        f"median {statistics.median(ratios):.3f}x of {len(ratios)} "
+        f"({min(ratios):.3f}-{max(ratios):.3f}x)"
+    )
 
 
 def format_ratio_summary(records: list[dict]) -> str:
@@ -965,9 +1041,10 @@ def format_ratio_summary(records: list[dict]) -> str:
     lines = ["Against the reference, dino_keras images/s / reference images/s of the same run:"]
     for recipe in dict.fromkeys(record["recipe"] for record in records):
         ratios = [
-            f"{r['dino_keras_case']} {r['images_per_second_ratio']:.3f}x"
-            for r in records
-            if r["recipe"] == recipe and "images_per_second_ratio" in r
+            f"{case} {_ratio_spread(values)}"
+            for case, values in _ratios_by_case(
+                [r for r in records if r["recipe"] == recipe]
+            ).items()
         ]
         lines.append(f"  {recipe}: {', '.join(ratios) or 'no ratio (a case did not run)'}")
     return "\n".join(lines)
@@ -1008,14 +1085,18 @@ def format_table(records: list[dict]) -> str:
         value = record.get(key)
         return f"{'-' if value is None else format(value, spec):>{width}}"
 
+    repeated = {r["case"] for r in records if r.get("repeat", 1) > 1}
     for record in records:
         if "skipped" in record:
             lines.append(f"{record['case']:<{CASE_WIDTH}}skipped: {record['skipped']}")
             continue
         gflops = record.get("gflops_per_second", record.get("peak_gflops_per_second"))
         flops_per_image = record.get("flops_per_image")
+        label = record["case"]
+        if label in repeated:
+            label += f" #{record['repeat']}"
         lines.append(
-            f"{record['case']:<{CASE_WIDTH}}"
+            f"{label:<{CASE_WIDTH}}"
             + cell(record, "images_per_second", 10, ".2f")
             + cell(record, "compile_seconds", 11, ".1f")
             + cell(record, "step_seconds_mean", 9, ".3f")

@@ -105,6 +105,7 @@ def test_config_resolution_and_validation():
         (dict(num_images=4), "--num_images"),
         (dict(matmul_seconds=0.0), "--matmul_seconds"),
         (dict(num_workers=-1), "--num_workers"),
+        (dict(repeats=0), "--repeats"),
     ):
         with pytest.raises(BenchmarkError, match=flag):
             BenchmarkConfig(**kwargs).resolved()
@@ -225,6 +226,40 @@ def test_ratio_summary_lists_each_recipe():
         "  paper: step 2.000x, pipeline 3.125x",
         "  demo: no ratio (a case did not run)",
     ]
+
+
+def test_repeats_alternate_each_compared_pair_and_report_the_median():
+    cases = ["matmul_peak", "step", "reference_step", "pipeline", "reference_pipeline", "fit"]
+    assert benchmarking.case_schedule(cases, 2, {}) == [
+        ("matmul_peak", 1),
+        ("step", 1), ("reference_step", 1), ("step", 2), ("reference_step", 2),
+        ("pipeline", 1), ("reference_pipeline", 1), ("pipeline", 2), ("reference_pipeline", 2),
+        ("fit", 1),
+    ]
+    # Nothing to compare with: each case once (a skipped one is still listed).
+    assert benchmarking.case_schedule(["step", "pipeline"], 3, {}) == [("step", 1), ("pipeline", 1)]
+    assert benchmarking.case_schedule(["step", "reference_step"], 3, {"reference_step": "x"}) == [
+        ("step", 1), ("reference_step", 1)
+    ]
+    common = dict(recipe="demo", precision="float32", short=False, batch_size=64)
+    records = []
+    for repeat, (ours, theirs) in enumerate(((300.0, 200.0), (280.0, 160.0), (310.0, 250.0)), 1):
+        records.append(dict(case="step", images_per_second=ours, peak_rss_gib=1.4,
+                            repeat=repeat, **common))
+        reference = dict(case="reference_step", images_per_second=theirs, peak_rss_gib=1.0,
+                         repeat=repeat, **common)
+        # Each reference record is compared with the step that ran just before it.
+        reference.update(benchmarking.reference_comparison(reference, records))
+        records.append(reference)
+    assert [r["images_per_second_ratio"] for r in records[1::2]] == [1.5, 1.75, 1.24]
+    records.append(dict(case="fit", images_per_second=270.0, **common))
+    table = benchmarking.format_table(records)
+    assert "  step: median 1.500x of 3 (1.240-1.750x)" in table
+    assert "  fit: 1.350x the reference's step, 0.900x the dino_keras step" in table
+    assert any(row.startswith("reference_step #3") for row in table.splitlines())
+    assert benchmarking.format_ratio_summary(records).splitlines()[1] == (
+        "  demo: step median 1.500x of 3 (1.240-1.750x)"
+    )
 
 
 def test_time_pipeline_times_the_batches_after_the_first_and_the_warmup(monkeypatch):
