@@ -893,7 +893,9 @@ def run_benchmark(
 
     try:
         peak = {}
-        for case, repeat in case_schedule(cases, config.repeats, skipped):
+        schedule = case_schedule(cases, config.repeats, skipped)
+        repeated = {case for case, repeat in schedule if repeat > 1}
+        for case, repeat in schedule:
             if case in skipped:
                 emit({"case": case, **common, "skipped": skipped[case]})
                 continue
@@ -908,7 +910,7 @@ def run_benchmark(
                 )
                 _run_case_process("prepare_images", config)
             numbered = case
-            if config.repeats > 1:
+            if case in repeated:
                 numbered += f", repeat {repeat} of {config.repeats}"
             print(f"Running case {numbered} ({_load_text()})", file=err, flush=True)
             result = _run_case_process(case, config)
