@@ -3,7 +3,8 @@ the reference's step and loader in PyTorch at the same sizes, and the ratios.
 
     python benchmarks/benchmark.py [--recipe=paper|demo] [--precision=float32|mixed_bfloat16]
         [--cases=matmul_peak,step,reference_step,pipeline,reference_pipeline,fit]
-        [--steps=5] [--warmup=1] [--short] [--output=bench.jsonl]
+        [--steps=5] [--warmup=1] [--repeats=1] [--fit_data_path=...] [--short]
+        [--output=bench.jsonl]
 
 Each case runs in its own process, one after the other. Prints one JSON object per case (also
 written to --output) and then a table. `step` and `fit` need the matmul peak of the same run
