@@ -501,13 +501,20 @@ def case_prepare_images(config: BenchmarkConfig) -> dict:
     return {"folder": folder, "generated": config.num_images}
 
 
+def jpeg_source(config: BenchmarkConfig):
+    """The generated JPEGs (`image_folder`) as a training source."""
+    from dino_keras.data.sources import resolve_source
+
+    return resolve_source(image_folder(config.image_dir, config.num_images), "train")
+
+
 def fit_data_source(config: BenchmarkConfig, train_config: TrainConfig):
     """The training source of the fit case: `config.fit_data_path` (limited to the recipe's
     --limit_images) or, when that is empty, the generated JPEGs."""
     from dino_keras.data.sources import resolve_source
 
     if not config.fit_data_path:
-        return resolve_source(image_folder(config.image_dir, config.num_images), "train")
+        return jpeg_source(config)
     return resolve_source(
         config.fit_data_path,
         "train",
@@ -529,14 +536,10 @@ def case_fit_data(config: BenchmarkConfig) -> dict:
     return {"source": source.name, "images": source.num_examples}
 
 
-def _multicrop_dataset(config: BenchmarkConfig, train_config: TrainConfig, source=None):
-    from dino_keras.data.sources import resolve_source
+def _multicrop_dataset(train_config: TrainConfig, source):
     from dino_keras.training import multicrop_dataset
 
-    if source is None:
-        source = resolve_source(image_folder(config.image_dir, config.num_images), "train")
-    dataset = multicrop_dataset(train_config, source, batch_size=train_config.batch_size_per_gpu)
-    return dataset, source
+    return multicrop_dataset(train_config, source, batch_size=train_config.batch_size_per_gpu)
 
 
 def time_pipeline(batches, config: BenchmarkConfig, batch_size: int) -> tuple[dict, object]:
@@ -563,7 +566,8 @@ def time_pipeline(batches, config: BenchmarkConfig, batch_size: int) -> tuple[di
 
 def case_pipeline(config: BenchmarkConfig) -> dict:
     train_config = config.train_config()
-    dataset, source = _multicrop_dataset(config, train_config)
+    source = jpeg_source(config)
+    dataset = _multicrop_dataset(train_config, source)
     figures, _ = time_pipeline(dataset, config, train_config.batch_size_per_gpu)
     return {
         **figures,
@@ -579,9 +583,8 @@ def case_fit(config: BenchmarkConfig) -> dict:
 
     train_config = config.train_config()
     trainer = _build_trainer(config, train_config)
-    dataset, source = _multicrop_dataset(
-        config, train_config, fit_data_source(config, train_config)
-    )
+    source = fit_data_source(config, train_config)
+    dataset = _multicrop_dataset(train_config, source)
 
     class BatchEndTimes(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
@@ -749,19 +752,16 @@ def case_schedule(cases: list[str], repeats: int, skipped: dict[str, str]) -> li
     """(case, repeat number from 1) in running order: each dino_keras case that is compared with
     a running reference case alternates with it `repeats` times (step, reference_step, step, ...);
     every other case runs once, skipped ones are listed once."""
-    compared = {
-        counterpart
+    compared = {  # dino_keras case -> its reference case, both running
+        counterpart: reference
         for reference, counterpart in REFERENCE_CASES.items()
-        if reference in cases
-        and counterpart in cases
-        and not skipped.keys() & {reference, counterpart}
+        if {reference, counterpart} <= set(cases) and not skipped.keys() & {reference, counterpart}
     }
     schedule = []
     for case in cases:
         if case in compared:
-            reference = next(r for r, c in REFERENCE_CASES.items() if c == case)
             for repeat in range(1, repeats + 1):
-                schedule += [(case, repeat), (reference, repeat)]
+                schedule += [(case, repeat), (compared[case], repeat)]
         elif REFERENCE_CASES.get(case) not in compared:
             schedule.append((case, 1))
     return schedule
@@ -1001,18 +1001,14 @@ def _comparison_lines(records: list[dict]) -> list[str]:
             lines.append(f"  {case}: {_ratio_spread(ratios)}")
     fit = next((r for r in records if r["case"] == "fit" and "images_per_second" in r), None)
     if fit:
-        rates = {
-            case: statistics.median(
-                r["images_per_second"] for r in records
-                if r["case"] == case and "images_per_second" in r
-            )
-            for case in ("step", "reference_step")
-            if any(r["case"] == case and "images_per_second" in r for r in records)
-        }
+        step_rates = {}
+        for record in records:
+            if record["case"] in ("step", "reference_step") and "images_per_second" in record:
+                step_rates.setdefault(record["case"], []).append(record["images_per_second"])
         parts = [
-            f"{fit['images_per_second'] / rate:.3f}x the {name}"
+            f"{fit['images_per_second'] / statistics.median(step_rates[case]):.3f}x the {name}"
             for case, name in (("reference_step", "reference's step"), ("step", "dino_keras step"))
-            if (rate := rates.get(case))
+            if case in step_rates
         ]
         lines.append(f"  fit: {', '.join(parts)} (their median images/s)")
     return lines
