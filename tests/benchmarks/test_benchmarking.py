@@ -78,9 +78,9 @@ def test_config_resolution_and_validation():
     assert (config.steps, config.warmup, config.num_images) == (3, 2, 16)
     assert BenchmarkConfig(cases=("pipeline",)).resolved().cases == ("pipeline",)
     demo = BenchmarkConfig(recipe="demo").resolved()
-    # demo.cfg's batch of 64: the default 128 images already make two batches.
+    # demo.cfg's batch of 32: the default 128 images already make four batches.
     demo_config = demo.train_config()
-    assert (demo_config.embed_dim, demo_config.batch_size_per_gpu, demo.num_images) == (64, 64, 128)
+    assert (demo_config.embed_dim, demo_config.batch_size_per_gpu, demo.num_images) == (64, 32, 128)
     # Loader processes: the recipe's (paper: the reference's 2 workers; demo.cfg: none), 1 for
     # --short, or the flag's.
     assert [
