@@ -13,6 +13,9 @@ path may be a `tf.io.gfile` URL such as ``gs://`` or ``ram://``):
   come from the count files `scripts/count_records.py` writes once (`record_counts`);
 * an image folder (``.jpg``/``.jpeg``/``.png``, recursive; ImageFolder-style labels from the
   first-level subfolders, optional ``train/`` + ``val/`` or ``test/`` split subfolders).
+  A folder whose images all have one size and decode to at most `IN_MEMORY_FOLDER_BYTES` is
+  decoded once, when the source is made, and then read as the in-memory sources are (whole
+  batches cropped at once); any other folder is read and decoded image by image.
 
 How the multi-crop pipeline and the linear probe read them: sources with `records` (TFRecord
 files, TFDS TFRecord splits) are streamed by `tf.data.TFRecordDataset` in a seeded file order
@@ -64,6 +67,7 @@ _IDX_IMAGES_MAGIC = 2051
 _IDX_LABELS_MAGIC = 2049
 _FOLDER_SPLITS = {"train": ("train",), "test": ("test", "val"), "val": ("val", "test")}
 _HEADER_CHECK_THREADS = 16
+IN_MEMORY_FOLDER_BYTES = 256 * 2**20
 
 ReadExample = Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
 
@@ -455,6 +459,9 @@ def _image_folder_source(root: str, split: str, flag_name: str) -> ImageSource:
     class_ids = {class_name: label for label, class_name in enumerate(class_names)}
     labels = [class_ids[class_name] if class_name is not None else -1
               for class_name in image_classes]
+    images = _decode_if_small_and_same_size(image_paths)
+    if images is not None:
+        return _in_memory_source(name, images, np.array(labels), len(class_names) or None)
     paths_tensor = tf.constant(image_paths)
     labels_tensor = tf.constant(labels, tf.int64)
 
@@ -464,6 +471,30 @@ def _image_folder_source(root: str, split: str, flag_name: str) -> ImageSource:
 
     return ImageSource(name=name, num_examples=len(image_paths),
                        num_classes=len(class_names) or None, read_example=read_example)
+
+
+def _decode_if_small_and_same_size(image_paths: list[str]) -> np.ndarray | None:
+    """All the images, uint8 [N, H, W, 3], if they share one size and take at most
+    `IN_MEMORY_FOLDER_BYTES` decoded; None if not, or if one fails to decode (the folder is
+    then read image by image, which skips such an image)."""
+    def decode_file(path):
+        return decode_image(tf.io.read_file(path))
+
+    try:
+        shape = tuple(decode_file(image_paths[0]).shape)
+        if len(image_paths) * int(np.prod(shape)) > IN_MEMORY_FOLDER_BYTES:
+            return None
+        images = np.empty((len(image_paths), *shape), np.uint8)
+        decoded = tf.data.Dataset.from_tensor_slices(image_paths).map(
+            decode_file, num_parallel_calls=tf.data.AUTOTUNE)
+        for index, image in enumerate(decoded.as_numpy_iterator()):
+            if image.shape != shape:
+                return None
+            images[index] = image
+    except tf.errors.OpError:
+        return None
+    log.info("Decoded the %d images (%dx%d) into memory", len(images), shape[0], shape[1])
+    return images
 
 
 def decode_image(encoded: tf.Tensor) -> tf.Tensor:

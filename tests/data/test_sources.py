@@ -102,6 +102,48 @@ def test_image_folder_split_subfolders(tmp_path, rng, write_image, random_image,
     assert source.name.endswith(f"({chosen})")
 
 
+@pytest.fixture
+def same_size_folder(tmp_path, rng, write_image, random_image):
+    """5 images of 7x9 in two classes, grayscale PNG among them: (root, [(image, label)])."""
+    written = []
+    for i in range(5):
+        image = random_image(rng, 7, 9)
+        if i == 3:
+            image = np.repeat(image[..., :1], 3, axis=-1)  # stored as a grayscale PNG
+            write_image(tmp_path / "same" / f"c{i % 2}" / f"{i}.png", image[..., 0])
+        else:
+            write_image(tmp_path / "same" / f"c{i % 2}" / f"{i}.png", image)
+        written.append((image, i % 2))
+    # Sorted walk: c0/0, c0/2, c0/4, c1/1, c1/3.
+    return tmp_path / "same", [written[i] for i in (0, 2, 4, 1, 3)]
+
+
+def test_same_size_folder_is_decoded_once_into_memory(same_size_folder, monkeypatch):
+    root, expected = same_size_folder
+    source = resolve_source(str(root))
+    assert source.image_shape == (7, 9)  # the batched cropping path of in-memory sources
+    monkeypatch.setattr(tf.io, "read_file", None)  # nothing is read from disk any more
+    images, labels = read_all(source)
+    assert labels == [label for _, label in expected]
+    for image, (written, _) in zip(images, expected, strict=True):
+        np.testing.assert_array_equal(image, written)
+    batch, batch_labels = source.read_example(tf.constant([4, 0]))
+    np.testing.assert_array_equal(batch.numpy()[0], expected[4][0])
+    assert batch_labels.numpy().tolist() == [1, 0]
+
+
+def test_large_or_mixed_size_folders_are_read_per_image(same_size_folder, monkeypatch,
+                                                        write_image, random_image, rng):
+    root, _ = same_size_folder
+    monkeypatch.setattr(sources, "IN_MEMORY_FOLDER_BYTES", 5 * 7 * 9 * 3 - 1)
+    assert resolve_source(str(root)).image_shape is None
+    monkeypatch.undo()
+    write_image(root / "c1" / "9.png", random_image(rng, 9, 7))
+    source = resolve_source(str(root))
+    assert source.image_shape is None and source.num_examples == 6
+    assert sorted(image.shape for image in read_all(source)[0])[-1] == (9, 7, 3)
+
+
 def test_missing_and_empty_paths_name_the_flag(tmp_path):
     with pytest.raises(DataSourceError, match=r"--data_path: .*nowhere does not exist"):
         resolve_source(str(tmp_path / "nowhere"))
