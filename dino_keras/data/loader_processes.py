@@ -179,9 +179,7 @@ class _LoaderProcess:
                 return None
             chunk = os.read(self.process.stdout.fileno(), 4096)
             if not chunk:
-                code = self.process.wait()
-                raise LoaderProcessError(f"loader process {self.index} ended (exit code "
-                                         f"{code}) without reporting an error")
+                raise self._ended()
             self._pending += chunk
         line, self._pending = self._pending.split(b"\n", 1)
         text = line.decode()
@@ -210,7 +208,15 @@ class _LoaderProcess:
                 self._give(slot)
 
     def _give(self, slot: int) -> None:
-        self.process.stdin.write(f"{slot}\n".encode())
+        try:
+            self.process.stdin.write(f"{slot}\n".encode())
+        except BrokenPipeError:  # it ended before its stdout's end was read
+            raise self._ended() from None
+
+    def _ended(self) -> LoaderProcessError:
+        code = self.process.wait()
+        return LoaderProcessError(f"loader process {self.index} ended (exit code {code}) "
+                                  f"without reporting an error")
 
     def close(self) -> None:
         # The slot file stays mapped until the last array lent downstream is gone.

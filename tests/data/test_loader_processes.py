@@ -103,6 +103,24 @@ def test_a_killed_process_is_reported_not_waited_for(idx_source):
             next(iterator)
 
 
+def test_a_slot_given_back_to_a_dead_process_reports_its_end(idx_source):
+    # The other order of the test above, forced: the process is gone before its stdout's end
+    # is read, and the next thing said to it is a slot given back.
+    element_spec = multicrop.build_multicrop_dataset(idx_source, **PIPELINE).element_spec
+    settings = {"source": idx_source.origin, "pipeline": PIPELINE,
+                "shapes": [tuple(spec.shape) for spec in element_spec]}
+    processes = loader_processes.LoaderProcesses(settings, 1)
+    try:
+        worker = processes.workers[0]
+        worker.process.kill()
+        worker.process.wait()
+        with pytest.raises(loader_processes.LoaderProcessError,
+                           match=r"loader process 0 ended \(exit code -9\)"):
+            worker._give(0)
+    finally:
+        processes.close()
+
+
 def test_processes_end_with_the_iterator(idx_source):
     dataset = loader_processes.multicrop_dataset_from_processes(idx_source, 2, **PIPELINE)
     iterator = iter(dataset)
