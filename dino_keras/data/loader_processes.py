@@ -72,10 +72,7 @@ def multicrop_dataset_from_processes(source: ImageSource, num_workers: int,
     for name in ("batch_shards", "batch_shard_index"):
         if name in pipeline:
             raise ValueError(f"{name} is chosen by the loader processes, not the caller")
-    # Built, never iterated: its element spec is the stream's.
-    element_spec = build_multicrop_dataset(source, **pipeline).element_spec
-    settings = {"source": source.origin, "pipeline": pipeline,
-                "shapes": [tuple(spec.shape) for spec in element_spec]}
+    element_spec, settings = stream_settings(source, pipeline)
 
     def generate():
         processes = LoaderProcesses(settings, num_workers)
@@ -85,6 +82,16 @@ def multicrop_dataset_from_processes(source: ImageSource, num_workers: int,
             processes.close()
 
     return tf.data.Dataset.from_generator(generate, output_signature=element_spec).prefetch(2)
+
+
+def stream_settings(source: ImageSource, pipeline: dict) -> tuple[tuple, dict]:
+    """(element spec, `LoaderProcesses` settings) of `build_multicrop_dataset(source,
+    **pipeline)`'s stream."""
+    # Built, never iterated: its element spec is the stream's.
+    element_spec = build_multicrop_dataset(source, **pipeline).element_spec
+    settings = {"source": source.origin, "pipeline": pipeline,
+                "shapes": [tuple(spec.shape) for spec in element_spec]}
+    return element_spec, settings
 
 
 class _SlotFile:

@@ -106,9 +106,7 @@ def test_a_killed_process_is_reported_not_waited_for(idx_source):
 def test_a_slot_given_back_to_a_dead_process_reports_its_end(idx_source):
     # The other order of the test above, forced: the process is gone before its stdout's end
     # is read, and the next thing said to it is a slot given back.
-    element_spec = multicrop.build_multicrop_dataset(idx_source, **PIPELINE).element_spec
-    settings = {"source": idx_source.origin, "pipeline": PIPELINE,
-                "shapes": [tuple(spec.shape) for spec in element_spec]}
+    _, settings = loader_processes.stream_settings(idx_source, PIPELINE)
     processes = loader_processes.LoaderProcesses(settings, 1)
     try:
         worker = processes.workers[0]
