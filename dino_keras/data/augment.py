@@ -191,6 +191,17 @@ def _resize_matrix(start: tf.Tensor, length: tf.Tensor, input_size: int,
     return weights / tf.reduce_sum(weights, axis=-1, keepdims=True)
 
 
+# Largest image (height x width) that `crop_and_resize_batch` crops faster than
+# `crop_and_resize` does crop by crop: its dense resize matrices cost in proportion to the
+# image's pixels, per-crop resampling only to the crop's (README, "Loader").
+BATCH_CROP_MAX_PIXELS = 128 * 128
+
+
+def crops_whole_batches(image_shape: tuple[int, int] | None) -> bool:
+    """Whether images of `image_shape` (None: sizes vary) are cropped by `crop_and_resize_batch`."""
+    return image_shape is not None and image_shape[0] * image_shape[1] <= BATCH_CROP_MAX_PIXELS
+
+
 @tf.function(jit_compile=True)  # 3x faster than op by op
 def crop_and_resize_batch(images: tf.Tensor, boxes: CropBoxes, size: int) -> tf.Tensor:
     """N crops of each of B same-size images: [B, H, W, C], boxes [N, B] -> [N, B, size, size, C].

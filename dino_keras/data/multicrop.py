@@ -206,7 +206,7 @@ def build_multicrop_dataset(source: ImageSource, *, global_crops_size: int, loca
         return augment_batch(epoch, positions,
                              [tf.concat(crops, axis=0) for crops in crops_per_kind])
 
-    if source.image_shape is not None:
+    if augment.crops_whole_batches(source.image_shape):
         batches = batched_indices.map(crop_batch_of_images, num_parallel_calls=tf.data.AUTOTUNE)
     else:
         # ignore_errors: see the sources module docstring on images that fail to decode.

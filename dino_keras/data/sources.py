@@ -13,9 +13,10 @@ path may be a `tf.io.gfile` URL such as ``gs://`` or ``ram://``):
   come from the count files `scripts/count_records.py` writes once (`record_counts`);
 * an image folder (``.jpg``/``.jpeg``/``.png``, recursive; ImageFolder-style labels from the
   first-level subfolders, optional ``train/`` + ``val/`` or ``test/`` split subfolders).
-  A folder whose images all have one size and decode to at most `IN_MEMORY_FOLDER_BYTES` is
-  decoded once, when the source is made, and then read as the in-memory sources are (whole
-  batches cropped at once); any other folder is read and decoded image by image.
+  A folder whose images all have one size, small enough to be cropped in whole batches
+  (`augment.crops_whole_batches`), and decode to at most `IN_MEMORY_FOLDER_BYTES` is decoded
+  once, when the source is made, and then read as the in-memory sources are; any other folder
+  is read and decoded image by image.
 
 How the multi-crop pipeline and the linear probe read them: sources with `records` (TFRecord
 files, TFDS TFRecord splits) are streamed by `tf.data.TFRecordDataset` in a seeded file order
@@ -48,7 +49,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from dino_keras.data import record_counts
+from dino_keras.data import augment, record_counts
 from dino_keras.data.record_index import LazyRecordIndex, RecordIndexError, bytes_look_like_image
 from dino_keras.data.record_stream import END_MARKER_SEARCH_BYTES, RecordFiles, images_in_order
 
@@ -474,15 +475,16 @@ def _image_folder_source(root: str, split: str, flag_name: str) -> ImageSource:
 
 
 def _decode_if_small_and_same_size(image_paths: list[str]) -> np.ndarray | None:
-    """All the images, uint8 [N, H, W, 3], if they share one size and take at most
-    `IN_MEMORY_FOLDER_BYTES` decoded; None if not, or if one fails to decode (the folder is
-    then read image by image, which skips such an image)."""
+    """All the images, uint8 [N, H, W, 3], if they share one size that is cropped in whole
+    batches and take at most `IN_MEMORY_FOLDER_BYTES` decoded; None if not, or if one fails to
+    decode (the folder is then read image by image, which skips such an image)."""
     def decode_file(path):
         return decode_image(tf.io.read_file(path))
 
     try:
         shape = tuple(decode_file(image_paths[0]).shape)
-        if len(image_paths) * int(np.prod(shape)) > IN_MEMORY_FOLDER_BYTES:
+        if (not augment.crops_whole_batches(shape[:2])
+                or len(image_paths) * int(np.prod(shape)) > IN_MEMORY_FOLDER_BYTES):
             return None
         images = np.empty((len(image_paths), *shape), np.uint8)
         decoded = tf.data.Dataset.from_tensor_slices(image_paths).map(

@@ -152,7 +152,7 @@ def build_train_dataset(
         (tf.range(source.num_examples, dtype=tf.int64), order)
     )
 
-    if source.image_shape is not None:
+    if augment.crops_whole_batches(source.image_shape):
         height, width = source.image_shape
 
         def crop_batch(batch_positions, indices):

@@ -53,6 +53,23 @@ def test_every_crop_has_its_shape_dtype_and_normalisation(request, source_name):
         assert not np.array_equal(batch[0], batch[1])
 
 
+def test_images_held_in_memory_above_the_batch_crop_size_are_cropped_one_by_one(idx_source,
+                                                                               monkeypatch):
+    assert augment.crops_whole_batches(idx_source.image_shape)
+    batched = take(multicrop.build_multicrop_dataset(idx_source, batch_size=BATCH, seed=0,
+                                                     **CROPS), 1)[0]
+    monkeypatch.setattr(augment, "BATCH_CROP_MAX_PIXELS", 28 * 28 - 1)
+
+    def no_batch_cropping(*args):
+        raise AssertionError("crop_and_resize_batch called")
+
+    monkeypatch.setattr(augment, "crop_and_resize_batch", no_batch_cropping)
+    one_by_one = take(multicrop.build_multicrop_dataset(idx_source, batch_size=BATCH, seed=0,
+                                                        **CROPS), 1)[0]
+    assert [crop.shape for crop in one_by_one] == [crop.shape for crop in batched]
+    assert all(np.all(np.isfinite(crop)) for crop in one_by_one)
+
+
 def test_no_local_crops(idx_source):
     options = dict(CROPS, local_crops_number=0)
     batch = take(multicrop.build_multicrop_dataset(idx_source, batch_size=BATCH, seed=0,

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from dino_keras.data import multicrop, record_counts, sources
+from dino_keras.data import augment, multicrop, record_counts, sources
 from dino_keras.data.sources import DataSourceError, resolve_source
 
 
@@ -136,6 +136,9 @@ def test_large_or_mixed_size_folders_are_read_per_image(same_size_folder, monkey
                                                         write_image, random_image, rng):
     root, _ = same_size_folder
     monkeypatch.setattr(sources, "IN_MEMORY_FOLDER_BYTES", 5 * 7 * 9 * 3 - 1)
+    assert resolve_source(str(root)).image_shape is None
+    monkeypatch.undo()
+    monkeypatch.setattr(augment, "BATCH_CROP_MAX_PIXELS", 7 * 9 - 1)  # too large to batch
     assert resolve_source(str(root)).image_shape is None
     monkeypatch.undo()
     write_image(root / "c1" / "9.png", random_image(rng, 9, 7))
