@@ -193,7 +193,8 @@ def _resize_matrix(start: tf.Tensor, length: tf.Tensor, input_size: int,
 
 # Largest image (height x width) that `crop_and_resize_batch` crops faster than
 # `crop_and_resize` does crop by crop: its dense resize matrices cost in proportion to the
-# image's pixels, per-crop resampling only to the crop's (README, "Loader").
+# image's pixels, per-crop resampling only to the crop's (README, Performance, "The loader's
+# cause").
 BATCH_CROP_MAX_PIXELS = 128 * 128
 
 
