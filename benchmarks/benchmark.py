@@ -94,6 +94,14 @@ def define_flags(flag_values) -> None:
         "runs, alternating; with more than 1 the summary gives each ratio's median and range.",
         flag_values=flag_values,
     )
+    flags.DEFINE_integer(
+        "intra_op_threads",
+        0,
+        "Intra-op threads of each case's process, TensorFlow's and PyTorch's alike (e.g. 1: "
+        "both steps on one core); 0: each library's default, one per schedulable core. Loader "
+        "processes and DataLoader workers keep one each.",
+        flag_values=flag_values,
+    )
     string(
         "image_dir",
         "",
@@ -135,6 +143,7 @@ def configs_from_flags(flag_values) -> list[benchmarking.BenchmarkConfig]:
         "jit_compile",
         "num_workers",
         "repeats",
+        "intra_op_threads",
         "image_dir",
         "fit_data_path",
         "output",

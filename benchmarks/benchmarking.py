@@ -123,6 +123,10 @@ class BenchmarkConfig:
     # Times each compared pair (step and reference_step, pipeline and reference_pipeline) runs,
     # alternating: the ratios' median and range show the machine's run-to-run noise.
     repeats: int = 1
+    # Intra-op threads of every case's process, TensorFlow's and PyTorch's alike; 0: each
+    # library's default (one per schedulable core). Loader processes and DataLoader workers
+    # keep their one thread.
+    intra_op_threads: int = 0
     image_dir: str = ""
     # What `fit` trains on: a scripts/train.py --data_path, "" for the generated JPEGs, None for
     # the recipe's own (demo: configs/demo.cfg's --data_path and --limit_images; paper and
@@ -174,6 +178,8 @@ class BenchmarkConfig:
                 fail(name, f"must be >= 1, got {value}")
         if self.repeats < 1:
             fail("repeats", f"must be >= 1, got {self.repeats}")
+        if self.intra_op_threads < 0:
+            fail("intra_op_threads", f"must be >= 0, got {self.intra_op_threads}")
         if self.num_workers is not None and self.num_workers < 0:
             fail("num_workers", f"must be >= 0, got {self.num_workers}")
         if self.matmul_size is not None and self.matmul_size < 16:
@@ -663,6 +669,10 @@ def _child_main(argv: list[str]) -> None:
     values["cases"] = tuple(values["cases"])
     config = BenchmarkConfig(**values)
     case_function = _case_function(case)
+    if config.intra_op_threads and case not in REFERENCE_CASES:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(config.intra_op_threads)
     start = time.perf_counter()
     result = case_function(config)
     result["case_seconds"] = round(time.perf_counter() - start, 3)

@@ -39,9 +39,10 @@ from benchmarks.benchmarking import (
 REFERENCE_IMAGE_SIZE = 224
 
 
-def thread_settings() -> dict:
-    """Sets PyTorch's intra-op threads to the schedulable cores; returns what it runs with."""
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+def thread_settings(config: BenchmarkConfig) -> dict:
+    """Sets PyTorch's intra-op threads to `config.intra_op_threads`, or (0) to the schedulable
+    cores; returns what it runs with."""
+    torch.set_num_threads(config.intra_op_threads or len(os.sched_getaffinity(0)))
     return {
         "torch_num_threads": torch.get_num_threads(),
         "torch_num_interop_threads": torch.get_num_interop_threads(),
@@ -103,7 +104,7 @@ def reference_training(config: BenchmarkConfig, train_config) -> ref.ReferenceTr
 
 
 def case_reference_step(config: BenchmarkConfig) -> dict:
-    threads = thread_settings()
+    threads = thread_settings(config)
     train_config = config.train_config()
     training = reference_training(config, train_config)
     batch = train_config.batch_size_per_gpu
@@ -137,7 +138,7 @@ def case_reference_step(config: BenchmarkConfig) -> dict:
 def case_reference_pipeline(config: BenchmarkConfig) -> dict:
     from benchmarks.reference_augmentation import ImageFiles, MultiCropAugmentation
 
-    threads = thread_settings()
+    threads = thread_settings(config)
     train_config = config.train_config()
     batch = train_config.batch_size_per_gpu
     augmentation = MultiCropAugmentation(

@@ -228,6 +228,26 @@ def test_unreadable_fit_data_is_refused_before_any_case(tmp_path):
     assert "Running case" not in result.stderr and not json_lines(result.stdout)
 
 
+@pytest.mark.skipif(not TORCH_INSTALLED, reason="torch, torchvision or timm is not installed")
+def test_intra_op_threads_set_both_libraries_in_their_case_processes():
+    import torch
+
+    from benchmarks import benchmarking, reference_cases
+
+    before = torch.get_num_threads()
+    try:
+        for threads, expected in ((1, 1), (0, len(os.sched_getaffinity(0)))):
+            config = benchmarking.BenchmarkConfig(intra_op_threads=threads)
+            assert reference_cases.thread_settings(config)["torch_num_threads"] == expected
+    finally:
+        torch.set_num_threads(before)
+    result = run_benchmark("--short", "--cases=matmul_peak", "--intra_op_threads=1")
+    assert result.returncode == 0, result.stderr
+    (record,) = map(json.loads, json_lines(result.stdout))
+    assert record["tf_intra_op_threads"] == 1
+    assert "threads: TensorFlow intra-op 1," in result.stdout
+
+
 def test_bad_flags_are_refused_naming_the_flag():
     for args, flag in (
         (["--cases=step,nope"], "--cases"),
@@ -236,6 +256,7 @@ def test_bad_flags_are_refused_naming_the_flag():
         (["--recipe=paper,paper"], "--recipe"),
         (["--short", "--steps=0"], "--steps"),
         (["--num_workers=-1"], "--num_workers"),
+        (["--intra_op_threads=-1"], "--intra_op_threads"),
     ):
         result = run_benchmark(*args)
         assert result.returncode != 0

@@ -106,6 +106,7 @@ def test_config_resolution_and_validation():
         (dict(matmul_seconds=0.0), "--matmul_seconds"),
         (dict(num_workers=-1), "--num_workers"),
         (dict(repeats=0), "--repeats"),
+        (dict(intra_op_threads=-1), "--intra_op_threads"),
     ):
         with pytest.raises(BenchmarkError, match=flag):
             BenchmarkConfig(**kwargs).resolved()
