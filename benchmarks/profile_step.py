@@ -1,14 +1,16 @@
 """Where the compiled training step spends its time: a TensorFlow profiler trace of a few steps,
-summed by XLA operation kind.
+summed by XLA operation kind; with `--reference`, the reference's step under PyTorch's profiler.
 
     python benchmarks/profile_step.py [--recipe=demo|paper] [--steps=3] [--top=25]
-        [--trace_dir=/tmp/dino_profile]
+        [--trace_dir=/tmp/dino_profile] [--intra_op_threads=N] [--reference]
 
 Builds the step as `benchmarks/benchmark.py`'s `step` case does (crops already in memory),
 runs it once to compile, then traces `--steps` calls. Prints, per kind of XLA operation (dot,
 convolution, each fusion kind, copy, ...), its share of the traced time on all threads, and the
 `--top` single operations by total time. The trace stays in `--trace_dir` for TensorBoard's
-profile plugin.
+profile plugin. `--reference` profiles `reference_step` instead (PyTorch installed): the self
+CPU time of each PyTorch operator per step. With `--intra_op_threads=1` each operation's self
+time is its whole cost, so the two profiles compare operation by operation.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ flags.DEFINE_string("recipe", "demo", "paper or demo (as benchmarks/benchmark.py
 flags.DEFINE_integer("steps", 3, "Traced steps after the compiling call and one warm-up.")
 flags.DEFINE_integer("top", 25, "Single operations listed by total time.")
 flags.DEFINE_string("trace_dir", "/tmp/dino_profile", "Where the profiler writes its trace.")
+flags.DEFINE_integer("intra_op_threads", 0, "Intra-op threads (0: the library's default, one "
+                     "per schedulable core), as benchmark.py's flag.")
+flags.DEFINE_bool("reference", False, "Profile the reference's step in PyTorch instead.")
 
 
 def operation_kind(name: str) -> str:
@@ -73,11 +78,50 @@ def read_events(trace_dir: str):
                 yield line.name, name, self_time
 
 
+def profile_reference_step(config) -> None:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks import reference_cases
+
+    threads = reference_cases.thread_settings(config)["torch_num_threads"]
+    train_config = config.train_config()
+    training = reference_cases.reference_training(config, train_config)
+    sizes = [train_config.global_crops_size] * 2
+    sizes += [train_config.local_crops_size] * train_config.local_crops_number
+    generator = torch.Generator().manual_seed(config.seed)
+    crops = [torch.randn(train_config.batch_size_per_gpu, 3, size, size, generator=generator)
+             for size in sizes]
+    for _ in range(2):
+        training.step(crops)
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for _ in range(FLAGS.steps):
+            training.step(crops)
+    averages = sorted(profiler.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in averages)
+    print(f"{FLAGS.steps} reference steps, recipe {FLAGS.recipe}, torch threads {threads}; "
+          f"self CPU time of all operators: {total / 1e6:.3f} s")
+    print("\nby operator (per step):")
+    for event in averages[:FLAGS.top]:
+        print(f"  {event.self_cpu_time_total / 1e3 / FLAGS.steps:9.2f} ms  "
+              f"{100 * event.self_cpu_time_total / total:5.1f}%  "
+              f"{event.count // FLAGS.steps:5d} calls  {event.key}")
+
+
 def main(argv):
     del argv
+    # Enough schedule for the compiling call, a warm-up and the traced steps.
+    config = benchmarking.BenchmarkConfig(
+        recipe=FLAGS.recipe, cases=("step",), steps=FLAGS.steps + 2,
+        intra_op_threads=FLAGS.intra_op_threads).resolved()
+    if FLAGS.reference:
+        profile_reference_step(config)
+        return
+    benchmarking.hide_torch()
     import tensorflow as tf
 
-    config = benchmarking.BenchmarkConfig(recipe=FLAGS.recipe, cases=("step",)).resolved()
+    if FLAGS.intra_op_threads:
+        tf.config.threading.set_intra_op_parallelism_threads(FLAGS.intra_op_threads)
     trainer, iterator = benchmarking.trainer_on_crops_in_memory(config, config.train_config())
     for _ in range(2):
         float(trainer.train_function(iterator)["loss"])

@@ -1,6 +1,20 @@
-"""The profile summary's pure parts: operation kinds and self times of nested events."""
+"""The profile summary's pure parts (operation kinds, self times of nested events), and the
+reference step's profile as a command."""
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+
+import pytest
 
 from benchmarks.profile_step import operation_kind, self_times
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__)))), "benchmarks", "profile_step.py")
+TORCH_INSTALLED = all(
+    importlib.util.find_spec(name) is not None for name in ("torch", "torchvision", "timm"))
 
 
 def test_operation_kind_drops_the_instance_number():
@@ -20,3 +34,16 @@ def test_self_times_subtract_nested_events_once():
     times = dict(self_times(events))
     assert times == {"wrapper": 30, "dot": 20, "inner": 10, "fusion": 40, "after": 5}
     assert sum(times.values()) == 105  # the covered wall time, counted once
+
+
+@pytest.mark.skipif(not TORCH_INSTALLED, reason="torch, torchvision or timm is not installed")
+def test_reference_profile_lists_the_reference_steps_operators():
+    result = subprocess.run(
+        [sys.executable, SCRIPT, "--recipe=demo", "--steps=1", "--top=40", "--reference",
+         "--intra_op_threads=1"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "1 reference steps, recipe demo, torch threads 1" in result.stdout
+    operators = re.findall(r"ms\s+[\d.]+%\s+(\d+) calls\s+(\S+)", result.stdout)
+    # The reference step's matrix products: its linear layers and its attention.
+    assert {"aten::addmm", "aten::bmm"} <= {name for _, name in operators}, result.stdout
