@@ -79,7 +79,6 @@ def read_events(trace_dir: str):
 
 
 def profile_reference_step(config) -> None:
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     from benchmarks import reference_cases
@@ -87,11 +86,7 @@ def profile_reference_step(config) -> None:
     threads = reference_cases.thread_settings(config)["torch_num_threads"]
     train_config = config.train_config()
     training = reference_cases.reference_training(config, train_config)
-    sizes = [train_config.global_crops_size] * 2
-    sizes += [train_config.local_crops_size] * train_config.local_crops_number
-    generator = torch.Generator().manual_seed(config.seed)
-    crops = [torch.randn(train_config.batch_size_per_gpu, 3, size, size, generator=generator)
-             for size in sizes]
+    crops = reference_cases.reference_crops(config, train_config)
     for _ in range(2):
         training.step(crops)
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
@@ -111,9 +106,12 @@ def profile_reference_step(config) -> None:
 def main(argv):
     del argv
     # Enough schedule for the compiling call, a warm-up and the traced steps.
-    config = benchmarking.BenchmarkConfig(
-        recipe=FLAGS.recipe, cases=("step",), steps=FLAGS.steps + 2,
-        intra_op_threads=FLAGS.intra_op_threads).resolved()
+    try:
+        config = benchmarking.BenchmarkConfig(
+            recipe=FLAGS.recipe, cases=("step",), steps=FLAGS.steps + 2,
+            intra_op_threads=FLAGS.intra_op_threads).resolved()
+    except benchmarking.BenchmarkError as error:
+        sys.exit(f"error: {error}")
     if FLAGS.reference:
         profile_reference_step(config)
         return

@@ -103,15 +103,21 @@ def reference_training(config: BenchmarkConfig, train_config) -> ref.ReferenceTr
     )
 
 
+def reference_crops(config: BenchmarkConfig, train_config) -> list[torch.Tensor]:
+    """One batch of random crops of the recipe's sizes, NCHW, already in memory."""
+    sizes = [train_config.global_crops_size] * 2
+    sizes += [train_config.local_crops_size] * train_config.local_crops_number
+    generator = torch.Generator().manual_seed(config.seed)
+    return [torch.randn(train_config.batch_size_per_gpu, 3, size, size, generator=generator)
+            for size in sizes]
+
+
 def case_reference_step(config: BenchmarkConfig) -> dict:
     threads = thread_settings(config)
     train_config = config.train_config()
     training = reference_training(config, train_config)
     batch = train_config.batch_size_per_gpu
-    sizes = [train_config.global_crops_size] * 2
-    sizes += [train_config.local_crops_size] * train_config.local_crops_number
-    generator = torch.Generator().manual_seed(config.seed)
-    crops = [torch.randn(batch, 3, size, size, generator=generator) for size in sizes]
+    crops = reference_crops(config, train_config)
 
     start = time.perf_counter()
     training.step(crops)

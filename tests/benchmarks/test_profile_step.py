@@ -47,3 +47,10 @@ def test_reference_profile_lists_the_reference_steps_operators():
     operators = re.findall(r"ms\s+[\d.]+%\s+(\d+) calls\s+(\S+)", result.stdout)
     # The reference step's matrix products: its linear layers and its attention.
     assert {"aten::addmm", "aten::bmm"} <= {name for _, name in operators}, result.stdout
+
+
+def test_bad_flag_is_refused_naming_it():
+    result = subprocess.run([sys.executable, SCRIPT, "--intra_op_threads=-1"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "error: --intra_op_threads: must be >= 0" in result.stderr, result.stderr
