@@ -650,6 +650,15 @@ def _tensorflow_threads() -> dict:
     }
 
 
+def set_tensorflow_intra_op_threads(config: BenchmarkConfig) -> None:
+    """TensorFlow's intra-op threads to `config.intra_op_threads` (0: its default); call before
+    TensorFlow's runtime starts."""
+    if config.intra_op_threads:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(config.intra_op_threads)
+
+
 def _case_function(case: str):
     if case in REFERENCE_CASES:
         from benchmarks import reference_cases
@@ -669,10 +678,8 @@ def _child_main(argv: list[str]) -> None:
     values["cases"] = tuple(values["cases"])
     config = BenchmarkConfig(**values)
     case_function = _case_function(case)
-    if config.intra_op_threads and case not in REFERENCE_CASES:
-        import tensorflow as tf
-
-        tf.config.threading.set_intra_op_parallelism_threads(config.intra_op_threads)
+    if case not in REFERENCE_CASES:
+        set_tensorflow_intra_op_threads(config)
     start = time.perf_counter()
     result = case_function(config)
     result["case_seconds"] = round(time.perf_counter() - start, 3)

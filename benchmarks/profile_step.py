@@ -116,10 +116,9 @@ def main(argv):
         profile_reference_step(config)
         return
     benchmarking.hide_torch()
+    benchmarking.set_tensorflow_intra_op_threads(config)
     import tensorflow as tf
 
-    if FLAGS.intra_op_threads:
-        tf.config.threading.set_intra_op_parallelism_threads(FLAGS.intra_op_threads)
     trainer, iterator = benchmarking.trainer_on_crops_in_memory(config, config.train_config())
     for _ in range(2):
         float(trainer.train_function(iterator)["loss"])

@@ -1,7 +1,6 @@
 """benchmarks/benchmark.py --short as a command: JSON lines of every case, finite figures, table;
 the reference cases measured (PyTorch installed) or skipped with the reason (PyTorch hidden)."""
 
-import importlib.util
 import json
 import math
 import os
@@ -12,6 +11,7 @@ import textwrap
 
 import pytest
 
+from benchmarks.benchmarking import missing_reference_modules
 from tests.helpers import once_across_workers
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -19,9 +19,7 @@ SCRIPT = os.path.join(REPO_ROOT, "benchmarks", "benchmark.py")
 CASES = ["matmul_peak", "step", "reference_step", "pipeline", "reference_pipeline", "fit"]
 DINO_KERAS_CASES = ["matmul_peak", "step", "pipeline", "fit"]
 REFERENCE_CASES = {"reference_step": "step", "reference_pipeline": "pipeline"}
-TORCH_INSTALLED = all(
-    importlib.util.find_spec(name) is not None for name in ("torch", "torchvision", "timm")
-)
+TORCH_INSTALLED = not missing_reference_modules()
 # Thread pool sizes as configured: 0 is TensorFlow's default.
 THREAD_SETTINGS = {"tf_intra_op_threads", "tf_inter_op_threads"}
 TRAINING_FIGURES = [

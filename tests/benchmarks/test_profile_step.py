@@ -1,7 +1,6 @@
 """The profile summary's pure parts (operation kinds, self times of nested events), and the
 reference step's profile as a command."""
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -9,12 +8,12 @@ import sys
 
 import pytest
 
+from benchmarks.benchmarking import missing_reference_modules
 from benchmarks.profile_step import operation_kind, self_times
+from tests.helpers import REPO_ROOT
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__)))), "benchmarks", "profile_step.py")
-TORCH_INSTALLED = all(
-    importlib.util.find_spec(name) is not None for name in ("torch", "torchvision", "timm"))
+SCRIPT = os.path.join(REPO_ROOT, "benchmarks", "profile_step.py")
+TORCH_INSTALLED = not missing_reference_modules()
 
 
 def test_operation_kind_drops_the_instance_number():
