@@ -253,6 +253,27 @@ def _luma(images: tf.Tensor) -> tf.Tensor:
     return tf.image.rgb_to_grayscale(images)
 
 
+_LUMA_WEIGHTS = (0.2989, 0.587, 0.114)  # tf.image.rgb_to_grayscale's ITU-R 601 weights
+
+
+def _luma_as_sum(images: tf.Tensor) -> tf.Tensor:
+    """`_luma` written as a sum over the channels, which XLA fuses into the loop using it
+    (`tf.image.rgb_to_grayscale`'s product compiles to a dot: a pass over the images and a
+    luma tensor of its own)."""
+    red, green, blue = images[..., 0:1], images[..., 1:2], images[..., 2:3]
+    return red * _LUMA_WEIGHTS[0] + green * _LUMA_WEIGHTS[1] + blue * _LUMA_WEIGHTS[2]
+
+
+def _mean_luma(images: tf.Tensor) -> tf.Tensor:
+    """[N, 1, 1, 1]: the mean luma of each image of [N, H, W, 3] (static H, W), as one
+    matrix-vector product: XLA's CPU reduction over an image's pixels runs well below memory
+    speed, its matrix-vector product at it."""
+    pixels = images.shape[-3] * images.shape[-2]
+    weights = tf.tile(tf.constant(_LUMA_WEIGHTS, images.dtype) / pixels, [pixels])
+    rows = tf.reshape(images, [-1, pixels * 3])
+    return tf.reshape(tf.linalg.matvec(rows, weights), [-1, 1, 1, 1])
+
+
 def _blend(images: tf.Tensor, other: tf.Tensor, factor) -> tf.Tensor:
     factor = _per_image(factor, images)
     return tf.clip_by_value(factor * images + (1.0 - factor) * other, 0.0, 1.0)
@@ -291,11 +312,9 @@ def _jitter_blend(images: tf.Tensor, op: tf.Tensor, factor: tf.Tensor,
     `active`. All three are `blend(x, target, f)` with target black, the grayscale mean or the
     grayscale image, so one blend serves a batch that mixes them."""
     factor = _per_image(tf.where(active & tf.not_equal(op, HUE), factor, 1.0), images)
-    luma = _luma(images)
-    mean_luma = tf.reduce_mean(luma, axis=[-3, -2, -1], keepdims=True)
     is_saturation = _per_image(tf.cast(tf.equal(op, SATURATION), images.dtype), images)
     is_contrast = _per_image(tf.cast(tf.equal(op, CONTRAST), images.dtype), images)
-    target = is_saturation * luma + is_contrast * mean_luma
+    target = is_saturation * _luma_as_sum(images) + is_contrast * _mean_luma(images)
     return tf.clip_by_value(factor * images + (1.0 - factor) * target, 0.0, 1.0)
 
 
