@@ -144,17 +144,33 @@ def crop_and_resize(image: tf.Tensor, box: CropBoxes, size: int) -> tf.Tensor:
     Same result, bit for bit, as tf.image.resize of the crop, which resamples the rows (a
     vectorised weighted sum of whole rows) and then the columns (a scalar loop per pixel and
     channel, 3x slower). Here both axes go through the fast row pass: rows, transpose, rows
-    again, transpose back (2.3x faster single-threaded on DINO's 10 crops of a 500x375 image).
+    again (`resample_crop`), transpose back (`finish_resampled_crops`).
+    """
+    return finish_resampled_crops(resample_crop(image, box, size)[tf.newaxis], image.dtype)[0]
+
+
+def resample_crop(image: tf.Tensor, box: CropBoxes, size: int) -> tf.Tensor:
+    """`crop_and_resize` without its last steps: float32 [size, size, 3] transposed ([x, y,
+    channel]), in the image's range (0..255 for uint8) and not clipped to it.
+
+    The multi-crop pipeline finishes a whole batch of these at once (`finish_resampled_crops`,
+    inside its first compiled augmentation step) instead of crop by crop: a transpose whose
+    last axis is the 3 channels is slow as a TensorFlow op.
     """
     crop = image[box.top:box.top + box.height, box.left:box.left + box.width]
     channels = crop.shape[-1] if crop.shape[-1] is not None else tf.shape(crop)[-1]
     resized = _resample_rows(tf.reshape(crop, [box.height, -1]), size)  # [size, width * C]
     resized = tf.transpose(tf.reshape(resized, [size, box.width, channels]), [1, 0, 2])
     resized = _resample_rows(tf.reshape(resized, [box.width, -1]), size)  # [size, size * C]
-    resized = tf.transpose(tf.reshape(resized, [size, size, channels]), [1, 0, 2])
-    if image.dtype == tf.uint8:
-        resized /= 255.0
-    return tf.clip_by_value(resized, 0.0, 1.0)
+    return tf.reshape(resized, [size, size, channels])
+
+
+def finish_resampled_crops(crops: tf.Tensor, image_dtype: tf.DType) -> tf.Tensor:
+    """Crops [N, S, S, C] from `resample_crop` of images of `image_dtype` -> [0, 1], upright."""
+    crops = tf.transpose(crops, [0, 2, 1, 3])
+    if image_dtype == tf.uint8:
+        crops /= 255.0
+    return tf.clip_by_value(crops, 0.0, 1.0)
 
 
 def _resample_rows(rows: tf.Tensor, size: int) -> tf.Tensor:
@@ -444,7 +460,9 @@ def _apply_to_rows(function, images: tf.Tensor, rows_mask: tf.Tensor, *row_value
 
 
 @tf.function(jit_compile=True)
-def _flip_step(crops: tf.Tensor, flip: tf.Tensor) -> tf.Tensor:
+def _flip_step(crops: tf.Tensor, flip: tf.Tensor, resampled_from: tf.DType | None) -> tf.Tensor:
+    if resampled_from is not None:
+        crops = finish_resampled_crops(crops, resampled_from)
     return flip_horizontally(crops, flip)
 
 
@@ -460,9 +478,14 @@ def _solarize_and_normalize_step(crops: tf.Tensor, solarize_mask: tf.Tensor) -> 
     return normalize(tf.where(_per_image(solarize_mask, crops), solarize(crops), crops))
 
 
-def augment_crops(crops: tf.Tensor, decisions: CropDecisions) -> tf.Tensor:
-    """The reference's per-crop chain on resized crops [N, S, S, 3] in [0, 1], normalised."""
-    crops = _flip_step(crops, decisions.flip)
+def augment_crops(crops: tf.Tensor, decisions: CropDecisions,
+                  resampled_from: tf.DType | None = None) -> tf.Tensor:
+    """The reference's per-crop chain on resized crops [N, S, S, 3] in [0, 1], normalised.
+
+    `resampled_from`: the crops are `resample_crop`'s, of images of that dtype, and are
+    finished here.
+    """
+    crops = _flip_step(crops, decisions.flip, resampled_from)
     jittered = color_jitter(crops, decisions.jitter_factors, decisions.jitter_order)
     crops = _jitter_and_grayscale_step(crops, jittered, decisions.jitter, decisions.grayscale)
     # Blur only the images that draw it (at 224 px it is the costliest step).

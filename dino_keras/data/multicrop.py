@@ -15,7 +15,8 @@ Two ways to cut the crops, chosen by the source:
 * same-size images held in memory (e.g. Fashion-MNIST): a batch is read at once and all its
   crops are resampled together with matrix products (`augment.crop_and_resize_batch`);
 * images of any size (files, records): each image is decoded and cropped on its own in a
-  parallel map (`augment.crop_and_resize`), then the fixed-size crops are batched.
+  parallel map (`augment.resample_crop`), then the fixed-size crops are batched and finished
+  (`augment.finish_resampled_crops`) in the first compiled augmentation step.
 Either way the colour, blur and solarize steps then run once per batch and crop kind.
 """
 
@@ -157,19 +158,22 @@ def build_multicrop_dataset(source: ImageSource, *, global_crops_size: int, loca
     if local_crops_number:
         crop_kinds.append((local_crops_scale, local_crops_number, local_crops_size))
 
-    def augment_batch(epoch, positions, crops_per_kind):
-        """Resized crops, [count * B, S, S, 3] per kind, crop-major -> the output tuple."""
+    def augment_batch(epoch, positions, crops_per_kind, resampled_from=None):
+        """Resized crops, [count * B, S, S, 3] per kind, crop-major -> the output tuple
+        (`resampled_from`: see `augment.augment_crops`)."""
         global_seed, local_seed = tf.unstack(tf.random.experimental.stateless_split(
             _seed_of(seed, epoch[0], _AUGMENT_STREAM, positions[0]), 2))
         global_decisions = augment.concat_decisions([
             augment.sample_crop_decisions(tf.random.experimental.stateless_fold_in(global_seed, i),
                                           spec, batch_size, blur_sigma)
             for i, spec in enumerate((augment.GLOBAL_1, augment.GLOBAL_2))])
-        outputs = tf.split(augment.augment_crops(crops_per_kind[0], global_decisions), 2)
+        outputs = tf.split(augment.augment_crops(crops_per_kind[0], global_decisions,
+                                                         resampled_from), 2)
         if local_crops_number:
             local_decisions = augment.sample_crop_decisions(
                 local_seed, augment.LOCAL, local_crops_number * batch_size, blur_sigma)
-            outputs += tf.split(augment.augment_crops(crops_per_kind[1], local_decisions),
+            outputs += tf.split(augment.augment_crops(crops_per_kind[1], local_decisions,
+                                                          resampled_from),
                                 local_crops_number)
         return tuple(outputs)
 
@@ -190,6 +194,8 @@ def build_multicrop_dataset(source: ImageSource, *, global_crops_size: int, loca
             image = sources.decode_image(example)
         else:
             image = source.read_example(example)[0]
+        if image.dtype != tf.uint8:
+            raise TypeError(f"{source.name}: images read as {image.dtype.name}, not uint8")
         kind_seeds = tf.unstack(tf.random.experimental.stateless_split(
             _seed_of(seed, epoch, _CROP_BOX_STREAM, position), len(crop_kinds)))
         crops_per_kind = []
@@ -197,14 +203,14 @@ def build_multicrop_dataset(source: ImageSource, *, global_crops_size: int, loca
             boxes = augment.sample_crop_boxes(kind_seed, tf.shape(image)[0], tf.shape(image)[1],
                                               scale, [count])
             crops_per_kind.append(tuple(
-                augment.crop_and_resize(image, augment.CropBoxes(*(field[i] for field in boxes)),
-                                        size) for i in range(count)))
+                augment.resample_crop(image, augment.CropBoxes(*(field[i] for field in boxes)),
+                                      size) for i in range(count)))
         return epoch, position, tuple(crops_per_kind)
 
     def augment_batch_of_crops(epoch, positions, crops_per_kind):
         # Per kind, `count` batches [B, S, S, 3] -> [count * B, S, S, 3], crop-major.
         return augment_batch(epoch, positions,
-                             [tf.concat(crops, axis=0) for crops in crops_per_kind])
+                             [tf.concat(crops, axis=0) for crops in crops_per_kind], tf.uint8)
 
     if augment.crops_whole_batches(source.image_shape):
         batches = batched_indices.map(crop_batch_of_images, num_parallel_calls=tf.data.AUTOTUNE)

@@ -70,6 +70,21 @@ def test_images_held_in_memory_above_the_batch_crop_size_are_cropped_one_by_one(
     assert all(np.all(np.isfinite(crop)) for crop in one_by_one)
 
 
+def test_crops_cut_one_by_one_come_out_upright(tmp_path, rng, write_image):
+    """Images whose rows are each one colour give crops whose rows are each one colour (every
+    step keeps that), not columns: the crops resampled one by one are transposed back."""
+    for i in range(8):
+        rows = rng.integers(0, 256, (20 + i, 1, 3), dtype=np.uint8)
+        write_image(tmp_path / "rows" / f"{i}.png", np.repeat(rows, 30 - i, axis=1))
+    source = multicrop.sources.resolve_source(str(tmp_path / "rows"))
+    assert not augment.crops_whole_batches(source.image_shape)
+    batch = take(multicrop.build_multicrop_dataset(source, batch_size=BATCH, seed=0, **CROPS), 1)[0]
+    for crop in batch:
+        across_rows = crop.max(axis=2) - crop.min(axis=2)
+        across_columns = crop.max(axis=1) - crop.min(axis=1)
+        assert across_rows.max() < 1e-4 and across_columns.max() > 0.1
+
+
 def test_no_local_crops(idx_source):
     options = dict(CROPS, local_crops_number=0)
     batch = take(multicrop.build_multicrop_dataset(idx_source, batch_size=BATCH, seed=0,
