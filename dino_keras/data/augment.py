@@ -482,7 +482,7 @@ def augment_crops(crops: tf.Tensor, decisions: CropDecisions,
                   resampled_from: tf.DType | None = None) -> tf.Tensor:
     """The reference's per-crop chain on resized crops [N, S, S, 3] in [0, 1], normalised.
 
-    `resampled_from`: the crops are `resample_crop`'s, of images of that dtype, and are
+    `resampled_from`: the crops are from `resample_crop`, of images of that dtype, and are
     finished here.
     """
     crops = _flip_step(crops, decisions.flip, resampled_from)
