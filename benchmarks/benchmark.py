@@ -60,7 +60,7 @@ def define_flags(flag_values) -> None:
         "warmup",
         "Unmeasured steps after the first, compiling call (default 1; 2 with --short).",
     )
-    integer("pipeline_batches", "Measured batches of the pipeline case (default 40; 3 --short).")
+    integer("pipeline_batches", "Measured batches of the pipeline cases (default 150; 3 --short).")
     integer("pipeline_warmup", "Unmeasured batches before those (default 5; 2 with --short).")
     integer(
         "num_images",
