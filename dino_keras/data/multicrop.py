@@ -167,14 +167,14 @@ def build_multicrop_dataset(source: ImageSource, *, global_crops_size: int, loca
             augment.sample_crop_decisions(tf.random.experimental.stateless_fold_in(global_seed, i),
                                           spec, batch_size, blur_sigma)
             for i, spec in enumerate((augment.GLOBAL_1, augment.GLOBAL_2))])
-        outputs = tf.split(augment.augment_crops(crops_per_kind[0], global_decisions,
-                                                         resampled_from), 2)
+        outputs = tf.split(
+            augment.augment_crops(crops_per_kind[0], global_decisions, resampled_from), 2)
         if local_crops_number:
             local_decisions = augment.sample_crop_decisions(
                 local_seed, augment.LOCAL, local_crops_number * batch_size, blur_sigma)
-            outputs += tf.split(augment.augment_crops(crops_per_kind[1], local_decisions,
-                                                          resampled_from),
-                                local_crops_number)
+            outputs += tf.split(
+                augment.augment_crops(crops_per_kind[1], local_decisions, resampled_from),
+                local_crops_number)
         return tuple(outputs)
 
     def crop_batch_of_images(epoch, positions, example_indices):

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from dino_keras.data import augment, multicrop
+from dino_keras.data.sources import resolve_source
 
 GLOBAL_SIZE, LOCAL_SIZE, BATCH = 16, 8, 4
 CROPS = dict(global_crops_size=GLOBAL_SIZE, local_crops_size=LOCAL_SIZE,
@@ -76,7 +77,7 @@ def test_crops_cut_one_by_one_come_out_upright(tmp_path, rng, write_image):
     for i in range(8):
         rows = rng.integers(0, 256, (20 + i, 1, 3), dtype=np.uint8)
         write_image(tmp_path / "rows" / f"{i}.png", np.repeat(rows, 30 - i, axis=1))
-    source = multicrop.sources.resolve_source(str(tmp_path / "rows"))
+    source = resolve_source(str(tmp_path / "rows"))
     assert not augment.crops_whole_batches(source.image_shape)
     batch = take(multicrop.build_multicrop_dataset(source, batch_size=BATCH, seed=0, **CROPS), 1)[0]
     for crop in batch:
