@@ -265,17 +265,13 @@ def rgb_to_grayscale(images: tf.Tensor) -> tf.Tensor:
     return _grayscale_layer()(images)
 
 
-def _luma(images: tf.Tensor) -> tf.Tensor:
-    return tf.image.rgb_to_grayscale(images)
-
-
 _LUMA_WEIGHTS = (0.2989, 0.587, 0.114)  # tf.image.rgb_to_grayscale's ITU-R 601 weights
 
 
-def _luma_as_sum(images: tf.Tensor) -> tf.Tensor:
-    """`_luma` written as a sum over the channels, which XLA fuses into the loop using it
-    (`tf.image.rgb_to_grayscale`'s product compiles to a dot: a pass over the images and a
-    luma tensor of its own)."""
+def _luma(images: tf.Tensor) -> tf.Tensor:
+    """[..., H, W, 1] ITU-R 601 luma as a sum over the channels, which XLA fuses into the loop
+    using it (`tf.image.rgb_to_grayscale`'s product compiles to a dot: a pass over the images
+    and a luma tensor of its own)."""
     red, green, blue = images[..., 0:1], images[..., 1:2], images[..., 2:3]
     return red * _LUMA_WEIGHTS[0] + green * _LUMA_WEIGHTS[1] + blue * _LUMA_WEIGHTS[2]
 
@@ -330,7 +326,7 @@ def _jitter_blend(images: tf.Tensor, op: tf.Tensor, factor: tf.Tensor,
     factor = _per_image(tf.where(active & tf.not_equal(op, HUE), factor, 1.0), images)
     is_saturation = _per_image(tf.cast(tf.equal(op, SATURATION), images.dtype), images)
     is_contrast = _per_image(tf.cast(tf.equal(op, CONTRAST), images.dtype), images)
-    target = is_saturation * _luma_as_sum(images) + is_contrast * _mean_luma(images)
+    target = is_saturation * _luma(images) + is_contrast * _mean_luma(images)
     return tf.clip_by_value(factor * images + (1.0 - factor) * target, 0.0, 1.0)
 
 
