@@ -12,9 +12,8 @@ import textwrap
 import pytest
 
 from benchmarks.benchmarking import missing_reference_modules
-from tests.helpers import once_across_workers
+from tests.helpers import REPO_ROOT, once_across_workers
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO_ROOT, "benchmarks", "benchmark.py")
 CASES = ["matmul_peak", "step", "reference_step", "pipeline", "reference_pipeline", "fit"]
 DINO_KERAS_CASES = ["matmul_peak", "step", "pipeline", "fit"]
