@@ -2,10 +2,11 @@
 under PyTorch, for `benchmarks/compare_matmuls.py`.
 
 `step_products` lists the products that one step's mathematics needs: the ViT's dense layers
-(qkv, proj, fc1, fc2) and patch embedding, forward on the teacher's and the student's crops and,
+(qkv, proj, fc1, fc2) and patch embedding (a strided convolution in both steps, listed as
+the matrix product it amounts to), forward on the teacher's and the student's crops and,
 for the student, the input gradient and the weight gradient (no input gradient for the patch
 embedding, whose input is the image); the attention's batched products, forward and backward;
-the DINO head's layers. `time_with_xla` times each as the compiled step runs it: one compiled
+the DINO head's layers. `time_with_xla` times each compiled by XLA, as in the step: one compiled
 call making several products of that shape on different inputs, so that the call's launch cost
 is shared; `time_with_torch` with `torch.matmul`, as the reference's step runs it. Each is
 timed alone: inside the compiled step XLA chooses layouts and threads for the whole program,
@@ -65,7 +66,7 @@ class Product:
 
 def _dense(name: str, rows: int, d_in: int, d_out: int, forwards: int, backward: bool):
     """A dense layer's forward products and, with `backward`, its two gradient products."""
-    products = [Product(f"{name}", "forward", 0, rows, d_in, d_out, forwards)]
+    products = [Product(name, "forward", 0, rows, d_in, d_out, forwards)]
     if backward:
         products += [
             Product(f"{name} dX", "input gradient", 0, rows, d_out, d_in, 1, transpose_b=True),
