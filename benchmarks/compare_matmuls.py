@@ -39,21 +39,24 @@ flags.DEFINE_enum("time_library", None, ["xla", "torch"],
                   "Internal: time the products with this library and print them as JSON.")
 
 
-def _library_child(products, threads: int, short: bool) -> dict:
-    """Times every product with `--time_library` in this process (its only library)."""
-    min_seconds, limit = (0.002, 2) if short else (0.05, matmul_products.PRODUCTS_PER_CALL)
+def _library_child(products, config: benchmarking.BenchmarkConfig) -> dict:
+    """Times every product with `--time_library` in this process (its only library), with the
+    benchmark cases' thread settings."""
+    min_seconds, limit = ((0.002, 2) if config.short
+                          else (0.05, matmul_products.PRODUCTS_PER_CALL))
     if FLAGS.time_library == "xla":
         benchmarking.hide_torch()
+        benchmarking.set_tensorflow_intra_op_threads(config)
         import tensorflow as tf
 
-        if threads:
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
         seconds = matmul_products.time_with_xla(products, min_seconds, limit)
         version = f"TensorFlow {tf.__version__}"
     else:
         import torch
 
-        torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+        from benchmarks import reference_cases
+
+        reference_cases.thread_settings(config)
         seconds = matmul_products.time_with_torch(products, min_seconds, limit)
         version = f"PyTorch {torch.__version__}"
     return {"seconds": seconds, "version": version}
@@ -70,19 +73,16 @@ def _run_library(library: str, argv: list[str]) -> dict:
 
 def main(argv):
     del argv
-    if FLAGS.intra_op_threads < 0:
-        sys.exit(f"error: --intra_op_threads: must be >= 0, got {FLAGS.intra_op_threads}")
-    if FLAGS.repeats < 1:
-        sys.exit(f"error: --repeats: must be >= 1, got {FLAGS.repeats}")
     try:
         config = benchmarking.BenchmarkConfig(
-            recipe=FLAGS.recipe, short=FLAGS.short, cases=("step",)).resolved()
+            recipe=FLAGS.recipe, short=FLAGS.short, cases=("step",), repeats=FLAGS.repeats,
+            intra_op_threads=FLAGS.intra_op_threads).resolved()
         train_config = config.train_config()
         products = matmul_products.step_products(train_config)
     except benchmarking.BenchmarkError as error:
         sys.exit(f"error: {error}")
     if FLAGS.time_library:
-        print(json.dumps(_library_child(products, FLAGS.intra_op_threads, FLAGS.short)))
+        print(json.dumps(_library_child(products, config)))
         return
     missing = benchmarking.missing_reference_modules(("torch",))
     if missing:
@@ -90,19 +90,19 @@ def main(argv):
     child_argv = [f"--recipe={FLAGS.recipe}", f"--intra_op_threads={FLAGS.intra_op_threads}",
                   f"--short={FLAGS.short}"]
     runs = {"xla": [], "torch": []}
-    for _ in range(FLAGS.repeats):
+    for _ in range(config.repeats):
         for library in runs:
             runs[library].append(_run_library(library, child_argv))
     seconds = {library: [statistics.median(times) for times in
                          zip(*(run["seconds"] for run in library_runs), strict=True)]
                for library, library_runs in runs.items()}
     machine = benchmarking.machine_description()
-    threads = FLAGS.intra_op_threads or machine["schedulable_cores"]
+    threads = config.intra_op_threads or machine["schedulable_cores"]
     header = (
         f"matrix products of one {FLAGS.recipe}{' (--short)' if FLAGS.short else ''} training "
         f"step, batch {train_config.batch_size_per_gpu}: XLA ({runs['xla'][0]['version']}) "
         f"against {runs['torch'][0]['version']}, {threads} intra-op thread(s) each, "
-        f"median of {FLAGS.repeats} run(s)\n"
+        f"median of {config.repeats} run(s)\n"
         f"CPU: {machine['cpu_model']}; AVX-512 {'yes' if machine['avx512'] else 'no'}, "
         f"AMX {'yes' if machine['amx'] else 'no'}; {machine['schedulable_cores']} "
         f"schedulable cores")
